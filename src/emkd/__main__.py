@@ -1,0 +1,3 @@
+from emkd.cli import main
+
+raise SystemExit(main())

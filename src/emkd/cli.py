@@ -1,0 +1,40 @@
+"""The ``emkd`` command line: ``emkd <command> [options]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="emkd",
+        description="Distill efficient multimodal LLMs (few vision tokens) from vanilla teachers with EM-KD, "
+        "LLaVA-KD, Align-TI and response KD.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="command")
+    demo = sub.add_parser("demo", help="run the end-to-end demonstration")
+    demo.add_argument("--steps", type=int, default=150, help="optimisation steps")
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=_run_demo)
+    return parser
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from emkd.demo.losses import run_loss_demo
+
+    run_loss_demo(steps=args.steps, seed=args.seed)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""What a model shows the loss (SPEC §1), and the bookkeeping every loss shares.
+
+A distillation loss never sees a model. It sees, for each side, the final hidden states as the LM head consumes
+them, the head itself, and masks that say which positions are image tokens, which are text and which are
+supervised. From these it derives, per sample:
+
+* vision tokens ``hidden[b][vision_mask[b]]``                     -> ``[N_b, D]``
+* text tokens ``hidden[b][attention_mask[b] & ~vision_mask[b]]``  -> ``[K_b, D]`` (same ``K_b`` on both sides)
+* response positions ``i`` with ``labels[b, i + 1] != -100``      -> same count on both sides
+
+Teacher and student see the same conversation through different vision pipelines, so only the number of image
+tokens may differ between them; every other count mismatch is a ``ValueError`` that names the sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class DistillInputs:
+    """One side (student or teacher) of a distillation batch of ``B`` right-padded samples.
+
+    Args:
+        hidden: ``[B, L, D]`` final hidden states after the final norm, as the LM head consumes them.
+        head_weight: ``[V, D]`` LM head weight.
+        vision_mask: ``[B, L]`` bool, positions that hold image tokens (projector outputs).
+        attention_mask: ``[B, L]`` 1 for real tokens, 0 for padding.
+        labels: ``[B, L]`` long; logits at position ``i`` predict ``labels[:, i + 1]``; ``-100`` is ignored.
+        head_bias: ``[V]`` optional LM head bias.
+        instruction_mask: ``[B, L]`` bool, optional; text tokens of the user turns (Align-TI's IVA only).
+    """
+
+    hidden: torch.Tensor
+    head_weight: torch.Tensor
+    vision_mask: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    head_bias: torch.Tensor | None = None
+    instruction_mask: torch.Tensor | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        if self.hidden.dim() != 3:
+            raise ValueError(f"DistillInputs.hidden must be [B, L, D], got shape {tuple(self.hidden.shape)}")
+        B, L, D = self.hidden.shape
+        if self.head_weight.dim() != 2 or self.head_weight.shape[1] != D:
+            raise ValueError(
+                f"DistillInputs.head_weight must be [V, D={D}], got shape {tuple(self.head_weight.shape)}"
+            )
+        if self.head_bias is not None and tuple(self.head_bias.shape) != (self.head_weight.shape[0],):
+            raise ValueError(
+                f"DistillInputs.head_bias must be [V={self.head_weight.shape[0]}], got {tuple(self.head_bias.shape)}"
+            )
+        for name in ("vision_mask", "attention_mask", "labels", "instruction_mask"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if tuple(value.shape) != (B, L):
+                raise ValueError(f"DistillInputs.{name} must be [B={B}, L={L}], got shape {tuple(value.shape)}")
+        self.vision_mask = self.vision_mask.bool()
+        self.attention_mask = self.attention_mask.bool()
+        if self.instruction_mask is not None:
+            self.instruction_mask = self.instruction_mask.bool()
+        if self.labels.dtype != torch.long:
+            raise ValueError(f"DistillInputs.labels must be torch.long, got {self.labels.dtype}")
+
+    # ---- shapes ---------------------------------------------------------------------------------------------
+    @property
+    def batch_size(self) -> int:
+        return self.hidden.shape[0]
+
+    @property
+    def vocab_size(self) -> int:
+        return self.head_weight.shape[0]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.hidden.shape[2]
+
+    # ---- derived sets ---------------------------------------------------------------------------------------
+    @property
+    def text_mask(self) -> torch.Tensor:
+        """``[B, L]`` bool: real tokens that are not image tokens."""
+        return self.attention_mask & ~self.vision_mask
+
+    @property
+    def response_mask(self) -> torch.Tensor:
+        """``[B, L]`` bool: positions ``i`` whose logits predict a supervised label ``labels[:, i + 1]``."""
+        mask = torch.zeros_like(self.vision_mask)
+        mask[:, :-1] = self.labels[:, 1:] != IGNORE_INDEX
+        return mask
+
+    @property
+    def response_targets(self) -> torch.Tensor:
+        """``[R]`` the labels predicted at the response positions, sample-major (row-major) order."""
+        return self.labels[:, 1:][self.labels[:, 1:] != IGNORE_INDEX]
+
+    def vision_tokens(self, b: int) -> torch.Tensor:
+        """``[N_b, D]`` hidden states of sample ``b``'s image tokens, in sequence order."""
+        return self.hidden[b][self.vision_mask[b]]
+
+    def text_tokens(self, b: int) -> torch.Tensor:
+        """``[K_b, D]`` hidden states of sample ``b``'s text tokens, in sequence order."""
+        return self.hidden[b][self.text_mask[b]]
+
+    def response_hidden(self) -> torch.Tensor:
+        """``[R, D]`` hidden states at every response position of the batch, sample-major order."""
+        return self.hidden[self.response_mask]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Apply the LM head in float32: ``[..., D] -> [..., V]``."""
+        weight = self.head_weight.float()
+        out = hidden.float() @ weight.T
+        if self.head_bias is not None:
+            out = out + self.head_bias.float()
+        return out
+
+    def cropped(self, vocab_size: int) -> "DistillInputs":
+        """The same inputs with the LM head cut to its first ``vocab_size`` rows (``vocab="crop"``)."""
+        if vocab_size == self.vocab_size:
+            return self
+        return DistillInputs(
+            hidden=self.hidden,
+            head_weight=self.head_weight[:vocab_size],
+            vision_mask=self.vision_mask,
+            attention_mask=self.attention_mask,
+            labels=self.labels,
+            head_bias=None if self.head_bias is None else self.head_bias[:vocab_size],
+            instruction_mask=self.instruction_mask,
+        )
+
+    def detached(self) -> "DistillInputs":
+        """The same inputs with every tensor cut from the autograd graph (the teacher side of every loss)."""
+        return DistillInputs(
+            hidden=self.hidden.detach(),
+            head_weight=self.head_weight.detach(),
+            vision_mask=self.vision_mask,
+            attention_mask=self.attention_mask,
+            labels=self.labels,
+            head_bias=None if self.head_bias is None else self.head_bias.detach(),
+            instruction_mask=self.instruction_mask,
+        )
+
+
+VOCAB_POLICIES = ("strict", "crop")
+
+
+def check_pair(student: DistillInputs, teacher: DistillInputs, vocab: str = "strict") -> tuple[DistillInputs, DistillInputs]:
+    """Validate a student/teacher pair and return them ready for a loss (teacher detached, vocabularies equal).
+
+    Raises ``ValueError`` for: different batch sizes; different vocabulary sizes under ``vocab="strict"``; labels
+    that do not fit the cropped vocabulary; a sample whose text-token or response-position counts differ between the
+    two sides, or whose response targets differ; non-finite hidden states at real tokens.
+    """
+    if vocab not in VOCAB_POLICIES:
+        raise ValueError(f"vocab must be one of {VOCAB_POLICIES}, got {vocab!r}")
+    if student.batch_size != teacher.batch_size:
+        raise ValueError(f"batch sizes differ: student B={student.batch_size}, teacher B={teacher.batch_size}")
+    teacher = teacher.detached()
+    if student.vocab_size != teacher.vocab_size:
+        if vocab == "strict":
+            raise ValueError(
+                f"vocabulary sizes differ: student head V={student.vocab_size}, teacher head V={teacher.vocab_size}; "
+                "pass vocab='crop' to cut both heads to the smaller size"
+            )
+        v = min(student.vocab_size, teacher.vocab_size)
+        top = int(max(student.labels.max(), teacher.labels.max()))
+        if top >= v:
+            raise ValueError(
+                f"vocab='crop' cuts both heads to V={v}, but a label id {top} does not fit; the tokenizer vocabulary "
+                "must fit in the smaller head"
+            )
+        student, teacher = student.cropped(v), teacher.cropped(v)
+
+    s_text = student.text_mask.sum(1)
+    t_text = teacher.text_mask.sum(1)
+    s_resp = student.response_mask.sum(1)
+    t_resp = teacher.response_mask.sum(1)
+    for b in range(student.batch_size):
+        if s_text[b] != t_text[b]:
+            raise ValueError(
+                f"sample {b}: student has {int(s_text[b])} text tokens, teacher has {int(t_text[b])}; teacher and "
+                "student must see the same conversation (only image tokens may differ)"
+            )
+        if s_resp[b] != t_resp[b]:
+            raise ValueError(
+                f"sample {b}: student has {int(s_resp[b])} response positions, teacher has {int(t_resp[b])}"
+            )
+    if not torch.equal(student.response_targets, teacher.response_targets):
+        s_t = student.labels[:, 1:]
+        t_t = teacher.labels[:, 1:]
+        for b in range(student.batch_size):
+            if not torch.equal(s_t[b][s_t[b] != IGNORE_INDEX], t_t[b][t_t[b] != IGNORE_INDEX]):
+                raise ValueError(f"sample {b}: student and teacher response labels differ")
+    for name, side in (("student", student), ("teacher", teacher)):
+        real = side.hidden[side.attention_mask]
+        if not torch.isfinite(real).all():
+            bad = (~torch.isfinite(side.hidden)).any(-1) & side.attention_mask
+            b, i = (int(x) for x in bad.nonzero()[0])
+            raise ValueError(
+                f"{name} hidden states are not finite: sample {b}, position {i} (hidden shape "
+                f"{tuple(side.hidden.shape)})"
+            )
+    return student, teacher
+
+
+def zero_like_graph(t: torch.Tensor) -> torch.Tensor:
+    """A scalar zero that stays connected to ``t``'s graph (so backward and DDP see every parameter)."""
+    return t.reshape(-1)[:0].float().sum()  # an empty sum: exactly 0, never NaN, still has a grad_fn

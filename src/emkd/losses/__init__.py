@@ -1,0 +1,30 @@
+"""Distillation losses. Pure functions of :class:`emkd.DistillInputs`; modules only hold hyperparameters."""
+
+from emkd.losses.align_ti import (
+    additive_attention_mask,
+    instruction_relevance_score,
+    instruction_vision_attention,
+    iva_loss,
+    ribbon_attention_mask,
+)
+from emkd.losses.divergence import forward_kl, jsd, reverse_kl
+from emkd.losses.emkd import EMKDLoss, EMKDOutput
+from emkd.losses.kd import KDLoss, KDOutput
+from emkd.losses.llava_kd import LlavaKDLoss, LlavaKDOutput
+
+__all__ = [
+    "EMKDLoss",
+    "EMKDOutput",
+    "KDLoss",
+    "KDOutput",
+    "LlavaKDLoss",
+    "LlavaKDOutput",
+    "additive_attention_mask",
+    "forward_kl",
+    "instruction_relevance_score",
+    "instruction_vision_attention",
+    "iva_loss",
+    "jsd",
+    "reverse_kl",
+    "ribbon_attention_mask",
+]

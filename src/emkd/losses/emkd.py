@@ -1,0 +1,165 @@
+"""EM-KD: distilling an efficient MLLM from a vanilla teacher with unbalanced vision tokens (SPEC §3).
+
+EM-KD (Eq. 3-7, Listing 1) pairs each student vision token with a teacher vision token by Hungarian matching on the
+Manhattan distance of their vision logits, then adds two losses on the matched pairs to the usual response losses:
+
+* VSD, Vision Semantic Distillation (Eq. 3): reverse KL between matched vision logits, ``KL(p_s || p_t)``.
+* VLAD, Vision-Language Affinity Distillation (Eq. 4-5): smooth L1 (beta = 1) between the cosine affinity matrices of
+  matched vision tokens against all text tokens, student ``[M, K]`` versus teacher ``[M, K]``; no projection is
+  needed when the hidden sizes differ.
+* SUP: cross-entropy over response positions; RLD: reverse KL over response positions.
+
+``loss = alpha * SUP + (1 - alpha) * RLD + beta * VSD + gamma * VLAD``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from emkd.inputs import VOCAB_POLICIES, DistillInputs, check_pair, zero_like_graph
+from emkd.losses.divergence import reverse_kl
+from emkd.losses.response import cross_entropy, mean_or_zero, response_logits
+from emkd.matching.pairing import MATCHINGS, VisionPairs, pair_vision_tokens
+
+VSD_TARGETS = ("logits", "hidden")
+
+
+@dataclass
+class EMKDOutput:
+    """Every term of the EM-KD loss as a scalar tensor, plus the matches ``(idx_s, idx_t)`` of each sample
+    (empty tensors for a sample without vision tokens)."""
+
+    loss: torch.Tensor
+    sup: torch.Tensor
+    rld: torch.Tensor
+    vsd: torch.Tensor
+    vlad: torch.Tensor
+    matches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    def components(self) -> dict[str, float]:
+        """The scalar terms as Python floats, for logging."""
+        return {k: float(getattr(self, k).detach()) for k in ("loss", "sup", "rld", "vsd", "vlad")}
+
+
+def vlad_term(pairs: VisionPairs, text_s: torch.Tensor, text_t: torch.Tensor) -> torch.Tensor:
+    """VLAD of one sample (Eq. 4-5).
+
+    Args:
+        pairs: ``M`` matched vision tokens, ``[M, Ds]`` and ``[M, Dt]``.
+        text_s: ``[K, Ds]`` student text-token hidden states; ``text_t``: ``[K, Dt]`` the teacher's.
+
+    Returns:
+        ``mean_{m,k} SmoothL1_{beta=1}(A_s[m, k] - A_t[m, k])`` with ``A = cos(vision_m, text_k)``.
+    """
+    a_s = F.normalize(pairs.student_hidden.float(), dim=-1, eps=1e-8) @ F.normalize(text_s.float(), dim=-1, eps=1e-8).T
+    with torch.no_grad():
+        a_t = F.normalize(pairs.teacher_hidden.float(), dim=-1, eps=1e-8) @ F.normalize(text_t.float(), dim=-1, eps=1e-8).T
+    return F.smooth_l1_loss(a_s, a_t, beta=1.0)  # (M, K) -> mean
+
+
+class EMKDLoss(torch.nn.Module):
+    """EM-KD loss. Holds hyperparameters only; call as ``loss_fn(student, teacher)``.
+
+    Args:
+        alpha: weight of SUP; ``1 - alpha`` weighs RLD (paper: 0.5).
+        beta: weight of VSD (paper: 0.25).
+        gamma: weight of VLAD (paper: 25).
+        temperature: softmax temperature of VSD and RLD (``p = softmax(z / T)``, no ``T**2`` factor).
+        matching: ``hungarian_logits`` (paper) | ``hungarian_hidden`` | ``avgpool`` | ``identity`` (Table 3b).
+        vsd_target: ``logits`` (paper, reverse KL) | ``hidden`` (Table 3c: ``MSE(P h_s, h_t)`` per pair, with ``P``
+            passed as ``projector=`` when the call needs one).
+        vocab: ``strict`` raises when the heads' vocabulary sizes differ; ``crop`` cuts both to the smaller.
+
+    Reductions: SUP and RLD are means over all response positions of the batch; VSD and VLAD are means over samples
+    with at least one matched pair of per-sample means over pairs (VLAD: over pairs and text tokens). Each term is an
+    exact zero, never NaN, when nothing contributes to it.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 0.5,
+        beta: float = 0.25,
+        gamma: float = 25.0,
+        temperature: float = 1.0,
+        matching: str = "hungarian_logits",
+        vsd_target: str = "logits",
+        vocab: str = "strict",
+    ) -> None:
+        super().__init__()
+        if matching not in MATCHINGS:
+            raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
+        if vsd_target not in VSD_TARGETS:
+            raise ValueError(f"vsd_target must be one of {VSD_TARGETS}, got {vsd_target!r}")
+        if vocab not in VOCAB_POLICIES:
+            raise ValueError(f"vocab must be one of {VOCAB_POLICIES}, got {vocab!r}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.alpha, self.beta, self.gamma, self.temperature = alpha, beta, gamma, temperature
+        self.matching, self.vsd_target, self.vocab = matching, vsd_target, vocab
+
+    def extra_repr(self) -> str:
+        return (
+            f"alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, temperature={self.temperature}, "
+            f"matching={self.matching!r}, vsd_target={self.vsd_target!r}, vocab={self.vocab!r}"
+        )
+
+    def forward(
+        self, student: DistillInputs, teacher: DistillInputs, projector: torch.nn.Module | None = None
+    ) -> EMKDOutput:
+        student, teacher = check_pair(student, teacher, self.vocab)
+        anchor = student.hidden
+
+        # Response terms over every response position of the batch.
+        zs, zt, targets = response_logits(student, teacher)  # (R, V), (R, V), (R,)
+        sup = cross_entropy(zs, targets, anchor)
+        rld = mean_or_zero(reverse_kl(zs, zt, self.temperature), anchor)
+
+        # Vision terms, per sample, on matched pairs.
+        vsd_terms, vlad_terms, matches = [], [], []
+        for b in range(student.batch_size):
+            pairs = pair_vision_tokens(student, teacher, b, self.matching)
+            if pairs is None:
+                empty = torch.empty(0, dtype=torch.long, device=anchor.device)
+                matches.append((empty, empty.clone()))
+                continue
+            matches.append((pairs.idx_s, pairs.idx_t))
+            vsd_terms.append(self._vsd(pairs, student, teacher, projector, b))
+            text_s, text_t = student.text_tokens(b), teacher.text_tokens(b)
+            if text_s.shape[0] > 0:
+                vlad_terms.append(vlad_term(pairs, text_s, text_t))
+
+        vsd = torch.stack(vsd_terms).mean() if vsd_terms else zero_like_graph(anchor)
+        vlad = torch.stack(vlad_terms).mean() if vlad_terms else zero_like_graph(anchor)
+        loss = self.alpha * sup + (1.0 - self.alpha) * rld + self.beta * vsd + self.gamma * vlad
+        return EMKDOutput(loss=loss, sup=sup, rld=rld, vsd=vsd, vlad=vlad, matches=matches)
+
+    def _vsd(
+        self,
+        pairs: VisionPairs,
+        student: DistillInputs,
+        teacher: DistillInputs,
+        projector: torch.nn.Module | None,
+        b: int,
+    ) -> torch.Tensor:
+        if self.vsd_target == "hidden":
+            hs = pairs.student_hidden.float()  # (M, Ds)
+            ht = pairs.teacher_hidden.float()  # (M, Dt)
+            if projector is not None:
+                hs = projector(hs)
+            elif hs.shape[1] != ht.shape[1]:
+                raise ValueError(
+                    f"vsd_target='hidden' with Ds={hs.shape[1]} != Dt={ht.shape[1]} needs projector= (a Ds -> Dt map)"
+                )
+            if hs.shape != ht.shape:
+                raise ValueError(f"sample {b}: projected student {tuple(hs.shape)} != teacher {tuple(ht.shape)}")
+            return F.mse_loss(hs, ht)
+        zs = pairs.student_logits if pairs.student_logits is not None else student.logits(pairs.student_hidden)
+        if pairs.teacher_logits is not None:
+            zt = pairs.teacher_logits
+        else:
+            with torch.no_grad():
+                zt = teacher.logits(pairs.teacher_hidden)
+        return reverse_kl(zs, zt, self.temperature).mean()  # (M,) -> scalar

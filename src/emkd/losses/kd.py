@@ -1,0 +1,80 @@
+"""Response-only distillation baselines (SPEC §5).
+
+Vanilla KD is ``KDLoss("forward", 1, 1)``. MiniLLM as EM-KD compares it is ``KDLoss("reverse", 0.5, 0.5)``: a
+token-level reverse KL under teacher forcing. The original MiniLLM optimises the sequence-level reverse KL with a
+policy gradient over student samples; that optimisation is not reproduced here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from emkd.inputs import VOCAB_POLICIES, DistillInputs, check_pair
+from emkd.losses.divergence import forward_kl, jsd, reverse_kl
+from emkd.losses.response import cross_entropy, mean_or_zero, response_logits
+
+KD_DIVERGENCES = ("forward", "reverse", "jsd")
+
+
+@dataclass
+class KDOutput:
+    loss: torch.Tensor
+    ce: torch.Tensor
+    kd: torch.Tensor
+
+    def components(self) -> dict[str, float]:
+        return {k: float(getattr(self, k).detach()) for k in ("loss", "ce", "kd")}
+
+
+class KDLoss(torch.nn.Module):
+    """``loss = ce_weight * CE + kd_weight * D`` over response positions (means over positions).
+
+    Args:
+        divergence: ``forward`` ``KL(p_t || p_s)`` | ``reverse`` ``KL(p_s || p_t)`` | ``jsd`` (generalised JSD with
+            mixture ``m = jsd_beta * p_t + (1 - jsd_beta) * p_s``).
+        ce_weight, kd_weight: weights of the two terms.
+        temperature: softmax temperature of ``D`` (no ``T**2`` factor).
+        vocab: ``strict`` | ``crop``.
+    """
+
+    def __init__(
+        self,
+        divergence: str = "forward",
+        ce_weight: float = 1.0,
+        kd_weight: float = 1.0,
+        temperature: float = 1.0,
+        jsd_beta: float = 0.5,
+        vocab: str = "strict",
+    ) -> None:
+        super().__init__()
+        if divergence not in KD_DIVERGENCES:
+            raise ValueError(f"divergence must be one of {KD_DIVERGENCES}, got {divergence!r}")
+        if vocab not in VOCAB_POLICIES:
+            raise ValueError(f"vocab must be one of {VOCAB_POLICIES}, got {vocab!r}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if divergence == "jsd" and not 0.0 < jsd_beta < 1.0:
+            raise ValueError(f"jsd_beta must lie in (0, 1), got {jsd_beta}")
+        self.divergence, self.ce_weight, self.kd_weight = divergence, ce_weight, kd_weight
+        self.temperature, self.jsd_beta, self.vocab = temperature, jsd_beta, vocab
+
+    def extra_repr(self) -> str:
+        return (
+            f"divergence={self.divergence!r}, ce_weight={self.ce_weight}, kd_weight={self.kd_weight}, "
+            f"temperature={self.temperature}, jsd_beta={self.jsd_beta}, vocab={self.vocab!r}"
+        )
+
+    def forward(self, student: DistillInputs, teacher: DistillInputs) -> KDOutput:
+        student, teacher = check_pair(student, teacher, self.vocab)
+        zs, zt, targets = response_logits(student, teacher)  # (R, V), (R, V), (R,)
+        ce = cross_entropy(zs, targets, student.hidden)
+        if self.divergence == "forward":
+            rows = forward_kl(zs, zt, self.temperature)
+        elif self.divergence == "reverse":
+            rows = reverse_kl(zs, zt, self.temperature)
+        else:
+            rows = jsd(zs, zt, self.temperature, self.jsd_beta)
+        kd = mean_or_zero(rows, student.hidden)
+        return KDOutput(loss=self.ce_weight * ce + self.kd_weight * kd, ce=ce, kd=kd)

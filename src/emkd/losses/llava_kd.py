@@ -1,0 +1,131 @@
+"""LLaVA-KD's MDist + RDist (LLaVA-KD Eq. 1-7), and LLaVA-KD* for unbalanced vision tokens (SPEC §4).
+
+* CE: supervised cross-entropy over response positions (Eq. 1).
+* RES: forward KL ``KL(p_t || p_s)`` over response positions (Eq. 2).
+* VIS: forward KL between paired vision logits (Eq. 3). Pairs are ``i <-> i`` when a sample's token counts are equal
+  (the original LLaVA-KD); otherwise EM-KD's matching (LLaVA-KD*, as EM-KD Table 2 compares it).
+* REL: per sample ``1 - cos(vec(Z_s Z_s^T), vec(Z_t Z_t^T))`` with ``Z`` the ``[M, V]`` paired vision logits stacked in
+  pair order (Eq. 4-5), averaged over samples. (The authors' fork flattens the whole batch into one cosine; this
+  is the paper's per-sample meaning.)
+
+``loss = CE + alpha * RES + beta * VIS + gamma * REL``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from emkd.inputs import VOCAB_POLICIES, DistillInputs, check_pair, zero_like_graph
+from emkd.losses.divergence import forward_kl
+from emkd.losses.response import cross_entropy, mean_or_zero, response_logits
+from emkd.matching.pairing import MATCHINGS, VisionPairs, pair_vision_tokens
+
+LLAVA_KD_MATCHINGS = ("auto",) + MATCHINGS
+
+
+def resolve_matching(matching: str, ns: int, nt: int) -> str:
+    """``auto`` pairs ``i <-> i`` for balanced tokens and matches on vision logits otherwise."""
+    if matching != "auto":
+        return matching
+    return "identity" if ns == nt else "hungarian_logits"
+
+
+def paired_logits(pairs: VisionPairs, student: DistillInputs, teacher: DistillInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student ``[M, V]`` (with gradient) and teacher ``[M, V]`` (without) logits of matched vision tokens."""
+    zs = pairs.student_logits if pairs.student_logits is not None else student.logits(pairs.student_hidden)
+    if pairs.teacher_logits is not None:
+        return zs, pairs.teacher_logits
+    with torch.no_grad():
+        zt = teacher.logits(pairs.teacher_hidden)
+    return zs, zt
+
+
+def relation_term(zs: torch.Tensor, zt: torch.Tensor) -> torch.Tensor:
+    """RDist of one sample: ``1 - cos(vec(zs zs^T), vec(zt zt^T))`` for ``[M, V]`` paired logits."""
+    gram_s = zs @ zs.T  # (M, M)
+    with torch.no_grad():
+        gram_t = zt @ zt.T  # (M, M)
+    return 1.0 - F.cosine_similarity(gram_s.reshape(1, -1), gram_t.reshape(1, -1), eps=1e-8)[0]
+
+
+@dataclass
+class LlavaKDOutput:
+    loss: torch.Tensor
+    ce: torch.Tensor
+    res: torch.Tensor
+    vis: torch.Tensor
+    rel: torch.Tensor
+    matches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+    def components(self) -> dict[str, float]:
+        return {k: float(getattr(self, k).detach()) for k in ("loss", "ce", "res", "vis", "rel")}
+
+
+class LlavaKDLoss(torch.nn.Module):
+    """LLaVA-KD (MDist + RDist); LLaVA-KD* when vision token counts differ. Call as ``loss_fn(student, teacher)``.
+
+    Args:
+        alpha: weight of RES; beta: weight of VIS; gamma: weight of REL (paper: 1, 1, 0.5).
+        temperature: softmax temperature of RES and VIS.
+        matching: ``auto`` (identity when a sample's counts are equal, else ``hungarian_logits``) or any EM-KD
+            matching (``hungarian_logits``, ``hungarian_hidden``, ``avgpool``, ``identity``).
+        vocab: ``strict`` | ``crop``, as for :class:`emkd.EMKDLoss`.
+
+    Reductions: CE and RES are means over response positions, VIS is the mean over all vision pairs of the batch,
+    REL the mean over samples with at least one pair.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        gamma: float = 0.5,
+        temperature: float = 1.0,
+        matching: str = "auto",
+        vocab: str = "strict",
+    ) -> None:
+        super().__init__()
+        if matching not in LLAVA_KD_MATCHINGS:
+            raise ValueError(f"matching must be one of {LLAVA_KD_MATCHINGS}, got {matching!r}")
+        if vocab not in VOCAB_POLICIES:
+            raise ValueError(f"vocab must be one of {VOCAB_POLICIES}, got {vocab!r}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.alpha, self.beta, self.gamma, self.temperature = alpha, beta, gamma, temperature
+        self.matching, self.vocab = matching, vocab
+
+    def extra_repr(self) -> str:
+        return (
+            f"alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, temperature={self.temperature}, "
+            f"matching={self.matching!r}, vocab={self.vocab!r}"
+        )
+
+    def forward(self, student: DistillInputs, teacher: DistillInputs) -> LlavaKDOutput:
+        student, teacher = check_pair(student, teacher, self.vocab)
+        anchor = student.hidden
+
+        zs, zt, targets = response_logits(student, teacher)  # (R, V), (R, V), (R,)
+        ce = cross_entropy(zs, targets, anchor)
+        res = mean_or_zero(forward_kl(zs, zt, self.temperature), anchor)
+
+        vis_rows, rel_terms, matches = [], [], []
+        n_s, n_t = student.vision_mask.sum(1), teacher.vision_mask.sum(1)
+        for b in range(student.batch_size):
+            matching = resolve_matching(self.matching, int(n_s[b]), int(n_t[b]))
+            pairs = pair_vision_tokens(student, teacher, b, matching)
+            if pairs is None:
+                empty = torch.empty(0, dtype=torch.long, device=anchor.device)
+                matches.append((empty, empty.clone()))
+                continue
+            matches.append((pairs.idx_s, pairs.idx_t))
+            vzs, vzt = paired_logits(pairs, student, teacher)  # (M, V), (M, V)
+            vis_rows.append(forward_kl(vzs, vzt, self.temperature))
+            rel_terms.append(relation_term(vzs.float(), vzt.float()))
+
+        vis = mean_or_zero(torch.cat(vis_rows), anchor) if vis_rows else zero_like_graph(anchor)
+        rel = torch.stack(rel_terms).mean() if rel_terms else zero_like_graph(anchor)
+        loss = ce + self.alpha * res + self.beta * vis + self.gamma * rel
+        return LlavaKDOutput(loss=loss, ce=ce, res=res, vis=vis, rel=rel, matches=matches)

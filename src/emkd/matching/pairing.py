@@ -1,0 +1,99 @@
+"""Pair a student's vision tokens with a teacher's, per sample (SPEC §2, EM-KD Table 3b).
+
+The student of an efficient MLLM has fewer vision tokens than its teacher (``Ns < Nt``), so token ``i`` of one side
+has no fixed partner on the other. Each strategy below returns ``M`` pairs of hidden states, one row per pair, which
+every vision loss then consumes:
+
+* ``hungarian_logits`` (EM-KD): minimum-cost assignment on the Manhattan distance between raw vision logits.
+* ``hungarian_hidden``: the same on hidden states (needs ``Ds == Dt``).
+* ``avgpool``: 1D adaptive average pooling of the longer side down to the shorter length, paired in order. Pooling
+  is an average and the head is affine, so the logits of pooled hidden states equal pooled logits: VSD on pooled
+  logits and VLAD on pooled hidden states are both served by pooling the hidden states.
+* ``identity``: ``i <-> i`` (LLaVA-KD with balanced tokens; needs ``Ns == Nt``).
+
+Matching never carries gradient; the student rows returned keep theirs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from emkd.inputs import DistillInputs
+from emkd.matching.cost import l1_cost
+from emkd.matching.hungarian import hungarian_match
+
+MATCHINGS = ("hungarian_logits", "hungarian_hidden", "avgpool", "identity")
+
+
+@dataclass
+class VisionPairs:
+    """``M`` matched vision tokens of one sample.
+
+    ``student_hidden`` ``[M, Ds]`` (with gradient) and ``teacher_hidden`` ``[M, Dt]``; ``student_logits`` /
+    ``teacher_logits`` ``[M, V]`` when matching already computed them (else ``None``); ``idx_s`` / ``idx_t`` ``[M]``
+    the matched token indices (for ``avgpool``, indices into the pooled sequences).
+    """
+
+    student_hidden: torch.Tensor
+    teacher_hidden: torch.Tensor
+    idx_s: torch.Tensor
+    idx_t: torch.Tensor
+    student_logits: torch.Tensor | None = None
+    teacher_logits: torch.Tensor | None = None
+
+    @property
+    def size(self) -> int:
+        return int(self.idx_s.numel())
+
+
+def _pool_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
+    """``[N, D] -> [length, D]`` by 1D adaptive average pooling over the token axis."""
+    if x.shape[0] == length:
+        return x
+    return F.adaptive_avg_pool1d(x.T.unsqueeze(0), length).squeeze(0).T
+
+
+def pair_vision_tokens(
+    student: DistillInputs, teacher: DistillInputs, b: int, matching: str
+) -> VisionPairs | None:
+    """Pair sample ``b``'s vision tokens; ``None`` when either side has none (the sample adds nothing)."""
+    if matching not in MATCHINGS:
+        raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
+    vs = student.vision_tokens(b)  # (Ns, Ds)
+    vt = teacher.vision_tokens(b).detach()  # (Nt, Dt)
+    ns, nt = vs.shape[0], vt.shape[0]
+    if ns == 0 or nt == 0:
+        return None
+    device = vs.device
+
+    if matching == "identity":
+        if ns != nt:
+            raise ValueError(
+                f"sample {b}: matching='identity' needs equal vision token counts, student has {ns}, teacher {nt}"
+            )
+        idx = torch.arange(ns, device=device)
+        return VisionPairs(vs, vt, idx, idx.clone())
+
+    if matching == "avgpool":
+        m = min(ns, nt)
+        idx = torch.arange(m, device=device)
+        return VisionPairs(_pool_tokens(vs, m), _pool_tokens(vt, m), idx, idx.clone())
+
+    if matching == "hungarian_hidden":
+        if vs.shape[1] != vt.shape[1]:
+            raise ValueError(
+                f"matching='hungarian_hidden' needs equal hidden sizes, student Ds={vs.shape[1]}, teacher "
+                f"Dt={vt.shape[1]}; use matching='hungarian_logits'"
+            )
+        idx_s, idx_t = hungarian_match(l1_cost(vs, vt))
+        return VisionPairs(vs[idx_s], vt[idx_t], idx_s, idx_t)
+
+    # hungarian_logits: decode both sides through their heads, match on raw logits, keep the logits for the losses.
+    zs = student.logits(vs)  # (Ns, V)
+    with torch.no_grad():
+        zt = teacher.logits(vt)  # (Nt, V)
+    idx_s, idx_t = hungarian_match(l1_cost(zs, zt))
+    return VisionPairs(vs[idx_s], vt[idx_t], idx_s, idx_t, zs[idx_s], zt[idx_t])
