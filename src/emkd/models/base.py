@@ -1,0 +1,106 @@
+"""The two interfaces between models, data and losses.
+
+* :class:`VisionSide` says how one model sees images: which token id stands for an image token, how many of them one
+  image expands to, and which tensors the model needs for a sample's images. The data pipeline renders every sample
+  once per side with it, so the text is tokenized once, identically, and only the image tokens differ.
+* :class:`DistillAdapter` runs one model on its side of a collated batch and returns what a loss needs
+  (:class:`emkd.DistillInputs`, SPEC §1), plus, on request, the head-averaged attention of one layer (Align-TI).
+
+The student (:mod:`emkd.models.student`) and every supported teacher (:mod:`emkd.models.teachers`) implement both.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from emkd.inputs import DistillInputs
+
+
+class VisionSide(ABC):
+    """How one model turns images into tokens.
+
+    Attributes:
+        tokenizer: the model's Hugging Face tokenizer (teacher and student must tokenize text identically).
+        image_token_id: the id that marks an image token (a projector output) in ``input_ids``.
+        image_wrapper: text placed before and after each image's tokens (e.g. Qwen2-VL's
+            ``("<|vision_start|>", "<|vision_end|>")``); ``("", "")`` when there is none. The pair's renderer uses
+            the teacher's wrapper on both sides so that the text tokens stay identical.
+    """
+
+    tokenizer: Any
+    image_token_id: int
+    image_wrapper: tuple[str, str] = ("", "")
+
+    @abstractmethod
+    def image_inputs(self, images: list) -> dict[str, torch.Tensor]:
+        """Model inputs for one sample's images (PIL images, in order), e.g. ``{"pixel_values": [n, 3, H, W]}``."""
+
+    @abstractmethod
+    def num_image_tokens(self, image_inputs: dict[str, torch.Tensor], index: int) -> int:
+        """How many image tokens image ``index`` of a sample expands to, given that sample's ``image_inputs``."""
+
+    @abstractmethod
+    def collate_image_inputs(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Batch the ``image_inputs`` of several samples (samples without images give ``{}``)."""
+
+
+@dataclass
+class AdapterOutput:
+    """What a model shows the loss for one batch, plus the optional attention of one layer ``[B, L, L]``."""
+
+    inputs: DistillInputs
+    attention: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+
+
+class DistillAdapter(ABC):
+    """Runs one model on its side of a collated batch.
+
+    A side of a batch is a dict with ``input_ids``, ``attention_mask``, ``labels`` and ``instruction_mask``
+    (all ``[B, L]``) plus the collated image inputs of :meth:`VisionSide.collate_image_inputs`.
+    """
+
+    model: torch.nn.Module
+    side: VisionSide
+
+    @abstractmethod
+    def __call__(self, batch: dict[str, torch.Tensor], attention_layer: int | None = None) -> AdapterOutput:
+        """Forward the model and return :class:`AdapterOutput`; ``hidden`` is the final-norm output the LM head
+        consumes and ``vision_mask`` marks exactly the positions the model filled with image features."""
+
+    @property
+    def num_layers(self) -> int:
+        """Number of decoder layers (for Align-TI's IRS over layers)."""
+        raise NotImplementedError
+
+
+def check_same_tokenization(student_tokenizer: Any, teacher_tokenizer: Any) -> None:
+    """Refuse a pair whose tokenizers disagree on a probe conversation (ids must be identical).
+
+    Raises:
+        ValueError: naming the first position where the ids differ.
+    """
+    probe = [
+        {"role": "user", "content": "Describe the image: what colour is the 3rd shape from the left?"},
+        {"role": "assistant", "content": "It is a dark-blue triangle, 12 px wide."},
+    ]
+    texts = []
+    for tok in (student_tokenizer, teacher_tokenizer):
+        if getattr(tok, "chat_template", None):
+            texts.append(tok.apply_chat_template(probe, tokenize=False))
+        else:
+            texts.append("\n".join(m["content"] for m in probe))
+    ids_s = student_tokenizer(texts[1], add_special_tokens=False)["input_ids"]
+    ids_t = teacher_tokenizer(texts[1], add_special_tokens=False)["input_ids"]
+    if ids_s != ids_t or texts[0] != texts[1]:
+        pos = next((i for i, (a, b) in enumerate(zip(ids_s, ids_t)) if a != b), min(len(ids_s), len(ids_t)))
+        raise ValueError(
+            "student and teacher tokenizers disagree on a probe conversation: "
+            f"chat templates {'agree' if texts[0] == texts[1] else 'differ'}; ids differ from position {pos} "
+            f"(student {ids_s[pos:pos + 5]}..., teacher {ids_t[pos:pos + 5]}...). Distillation needs identical text "
+            "tokens; use tokenizers of the same family."
+        )
