@@ -1,0 +1,1 @@
+"""Demonstrations built on the public library; nothing in the library imports them."""
