@@ -8,6 +8,7 @@ and :class:`KDLoss` are the losses; :func:`ribbon_attention_mask` serves Align-T
 from emkd.inputs import DistillInputs
 from emkd.losses import EMKDLoss, KDLoss, LlavaKDLoss, ribbon_attention_mask
 from emkd.matching import hungarian_match, l1_cost
+from emkd import models  # noqa: F401  (registers the student's model_type "emkd_mllm" with the Auto classes)
 
 __version__ = "0.1.0"
 

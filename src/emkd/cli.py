@@ -17,6 +17,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=150, help="optimisation steps")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_run_demo)
+
+    data = sub.add_parser("data", help="inspect LLaVA-format data")
+    data_sub = data.add_subparsers(dest="data_command", metavar="subcommand")
+    check = data_sub.add_parser("check", help="list every bad record of a data file with its line or index")
+    from emkd.data.check import add_check_arguments, run_check
+
+    add_check_arguments(check)
+    check.set_defaults(func=run_check)
+    data.set_defaults(func=lambda args: data.print_help() or 0)
     return parser
 
 

@@ -1,0 +1,210 @@
+"""``emkd data check``: every problem of a data file, before a run starts; and the scan that training shares.
+
+:func:`scan_file` reads a file (:func:`emkd.data.records.read_records`), applies the structural rules
+(:func:`emkd.data.records.validate_record`) and, when model sides are given, renders each good record for both sides
+(:func:`emkd.data.render.render_pair`) to catch ``template``, ``image_token_in_text`` and ``too_long`` problems.
+:class:`emkd.data.PairDataset` runs the same scan, so a file that ``emkd data check`` passes trains without a data
+error, and vice versa.
+
+On the command line no model is loaded: ``--max-length`` needs ``--tokenizer`` (any Hugging Face tokenizer path)
+and ``--image-tokens`` (image tokens per image on the longer side, the teacher's; for AnyRes teachers give the
+largest count an image can take) and ``--image-wrapper OPEN CLOSE`` when the teacher wraps images (Qwen2-VL:
+``"<|vision_start|>" "<|vision_end|>"``). The exit code is 1 when any record is bad, 0 otherwise (2 for usage errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from emkd.data.records import BadRecord, Problem, Record, load_images, read_records, validate_record
+from emkd.data.render import TEMPLATES, SampleError, render_pair
+from emkd.models.base import VisionSide
+
+
+@dataclass
+class CheckReport:
+    """The outcome of a scan: the good records (in file order) and every bad one with its problems."""
+
+    path: str
+    records: list[Record] = field(default_factory=list)
+    bad: list[BadRecord] = field(default_factory=list)
+
+    @property
+    def num_records(self) -> int:
+        return len(self.records) + len(self.bad)
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad
+
+    def counts(self) -> dict[str, int]:
+        """Number of bad records per problem kind."""
+        out: dict[str, int] = {}
+        for bad in self.bad:
+            for kind in dict.fromkeys(bad.kinds):
+                out[kind] = out.get(kind, 0) + 1
+        return out
+
+    def format(self, limit: int | None = None) -> str:
+        """A human-readable report: one line per bad record (the first ``limit``), then a summary."""
+        lines = [f"  {bad}" for bad in self.bad[:limit]]
+        if limit is not None and len(self.bad) > limit:
+            lines.append(f"  ... and {len(self.bad) - limit} more")
+        summary = f"{self.path}: {self.num_records} records, {len(self.bad)} bad"
+        if self.bad:
+            summary += " (" + ", ".join(f"{k}: {n}" for k, n in self.counts().items()) + ")"
+        return "\n".join(lines + [summary])
+
+
+def scan_file(
+    path: str | os.PathLike,
+    images_dir: str | os.PathLike | None,
+    student_side: VisionSide | None = None,
+    teacher_side: VisionSide | None = None,
+    template: str = "chat",
+    max_length: int | None = None,
+) -> CheckReport:
+    """Read and validate every record of ``path``; render each good one when sides are given.
+
+    Args:
+        path: a JSON list or JSONL file (LLaVA or Hugging Face ``messages`` records).
+        images_dir: where image paths resolve (``None``: the data file's directory).
+        student_side, teacher_side: both or neither; with them, each record is rendered as training renders it
+            (images are loaded and preprocessed by both sides).
+        template: ``"chat"`` or ``"plain"``.
+        max_length: the length limit of the render (needs the sides to count image tokens).
+
+    Raises:
+        ValueError: bad arguments, or a configuration bug found while rendering (the sides tokenize differently).
+        FileNotFoundError: ``path`` does not exist.
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+    if (student_side is None) != (teacher_side is None):
+        raise ValueError("pass both student_side and teacher_side, or neither")
+    if max_length is not None and student_side is None:
+        raise ValueError("max_length needs student_side and teacher_side to count image tokens")
+    if max_length is not None and max_length < 1:
+        raise ValueError(f"max_length must be positive, got {max_length}")
+    report = CheckReport(os.fspath(path))
+    for item in read_records(path):
+        if isinstance(item, BadRecord):
+            report.bad.append(item)
+            continue
+        problems = validate_record(item, images_dir, template)
+        if not problems and student_side is not None:
+            problems = _render_problems(item, images_dir, student_side, teacher_side, template, max_length)
+        if problems:
+            report.bad.append(BadRecord(item.source, item.id, tuple(problems)))
+        else:
+            report.records.append(item)
+    return report
+
+
+def _render_problems(
+    record: Record, images_dir: Any, student_side: Any, teacher_side: Any, template: str, max_length: int | None
+) -> list[Problem]:
+    try:
+        images = load_images(record, images_dir)
+    except Exception as e:  # verify() passed but decoding failed (e.g. truncated pixel data)
+        return [Problem("unreadable_image", f"an image cannot be decoded ({type(e).__name__}: {e})")]
+    try:
+        render_pair(record, images, student_side, teacher_side, template, max_length)
+    except SampleError as e:
+        return [e.problem]
+    return []
+
+
+def check_file(
+    path: str | os.PathLike,
+    images_dir: str | os.PathLike | None,
+    student_side: VisionSide | None = None,
+    teacher_side: VisionSide | None = None,
+    max_length: int | None = None,
+    template: str = "chat",
+) -> CheckReport:
+    """The logic of ``emkd data check``: :func:`scan_file` with the arguments in the CLI's order."""
+    return scan_file(path, images_dir, student_side, teacher_side, template, max_length)
+
+
+class CountingSide(VisionSide):
+    """A vision side that only counts: ``tokens_per_image`` image tokens per image, no pixels (for the CLI check).
+
+    Its ``image_token_id`` is ``-1``, which no tokenizer produces, so only the count matters.
+    """
+
+    def __init__(self, tokenizer: Any, tokens_per_image: int, image_wrapper: tuple[str, str] = ("", "")):
+        self.tokenizer = tokenizer
+        self.image_token_id = -1
+        self.image_wrapper = tuple(image_wrapper)
+        self.tokens_per_image = int(tokens_per_image)
+
+    def image_inputs(self, images: list) -> dict[str, torch.Tensor]:
+        return {}
+
+    def num_image_tokens(self, image_inputs: dict[str, torch.Tensor], index: int) -> int:
+        return self.tokens_per_image
+
+    def collate_image_inputs(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {}
+
+
+def add_check_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the arguments of ``emkd data check`` to ``parser``; pair with ``parser.set_defaults(func=run_check)``."""
+    parser.add_argument("file", help="a JSON list or JSONL data file (LLaVA or Hugging Face 'messages' records)")
+    parser.add_argument("--images", metavar="DIR", default=None, help="image root (default: the data file's folder)")
+    parser.add_argument("--template", choices=TEMPLATES, default="chat", help="rendering template (default: chat)")
+    parser.add_argument(
+        "--max-length", type=int, default=None, metavar="N", help="flag samples whose prompt and image tokens exceed N"
+    )
+    parser.add_argument(
+        "--tokenizer", default=None, metavar="PATH", help="tokenizer to render with (needed by --max-length)"
+    )
+    parser.add_argument(
+        "--image-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="image tokens per image on the teacher side (needed by --max-length)",
+    )
+    parser.add_argument(
+        "--image-wrapper",
+        nargs=2,
+        default=("", ""),
+        metavar=("OPEN", "CLOSE"),
+        help="text around each image's tokens, e.g. '<|vision_start|>' '<|vision_end|>'",
+    )
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="list at most N bad records")
+
+
+def run_check(args: argparse.Namespace) -> int:
+    """Run ``emkd data check`` from parsed arguments; print the report; return 1 if any record is bad, else 0."""
+    side = None
+    if args.max_length is not None and (args.tokenizer is None or args.image_tokens is None):
+        print("emkd data check: --max-length needs --tokenizer and --image-tokens to count tokens", file=sys.stderr)
+        return 2
+    if args.tokenizer is not None:
+        from transformers import AutoTokenizer
+
+        tokens = args.image_tokens if args.image_tokens is not None else 1
+        side = CountingSide(AutoTokenizer.from_pretrained(args.tokenizer), tokens, tuple(args.image_wrapper))
+    try:
+        report = check_file(args.file, args.images, side, side, args.max_length, args.template)
+    except (OSError, ValueError) as e:
+        print(f"emkd data check: {e}", file=sys.stderr)
+        return 2
+    print(report.format(args.limit))
+    return 0 if report.ok else 1
+
+
+def main_check(argv: list[str] | None = None) -> int:
+    """``emkd data check FILE [--images DIR] [...]`` as a function of its arguments; returns the exit code."""
+    parser = argparse.ArgumentParser(prog="emkd data check", description="Validate a training data file.")
+    add_check_arguments(parser)
+    return run_check(parser.parse_args(argv))

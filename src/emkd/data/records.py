@@ -1,0 +1,377 @@
+"""Reading and validating conversation records (LLaVA and Hugging Face ``messages`` formats).
+
+Two on-disk formats are read, either as a JSON list or as JSONL (one record per line):
+
+* LLaVA: ``{"id": ..., "image": "rel/path.png" | [paths], "conversations": [{"from": "human"|"gpt"|"system",
+  "value": "...<image>..."}]}``; ``"images": [paths]`` is accepted in place of ``"image"``, and ``"user"`` /
+  ``"assistant"`` in place of ``"human"`` / ``"gpt"``.
+* Hugging Face: ``{"messages": [{"role": "user"|"assistant"|"system", "content": str | [{"type": "image"} |
+  {"type": "text", "text": ...}]}], "images": [paths]}``. A literal ``<image>`` inside text is an image marker too
+  (as in LLaMA-Factory's ``messages`` datasets).
+
+Both become one :class:`Record`: ``messages`` is a tuple of :class:`Turn` ``(role, parts)``, each part a
+:class:`Part` ``("text", text)`` or ``("image", "")``, and ``image_paths`` the paths as written in the file. The
+``i``-th image marker of the conversation (in reading order) stands for ``image_paths[i]``. Image paths resolve
+relative to ``images_dir`` (the data file's directory when ``images_dir`` is ``None``; absolute paths stay as they
+are).
+
+Nothing in a record is changed: unlike LLaVA's ``preprocess_multimodal``, an ``<image>`` marker is not moved to the
+front of its turn and whitespace is not stripped. A record that breaks a rule is reported (:class:`BadRecord`, with
+file, line or list index, id and reasons), never repaired. The rules (:func:`validate_record`):
+
+* ``malformed_json``: a JSONL line (or the whole JSON list file) does not parse;
+* ``malformed_record``: not an object, no ``conversations`` / ``messages``, wrong field types, unknown role or part
+  type, a ``video`` field (video samples are not supported);
+* ``roles``: after an optional first ``system`` turn the turns must alternate ``user``, ``assistant``, ``user``, ...,
+  starting with ``user`` and ending with ``assistant``; ``system`` anywhere else is a ``roles`` problem too;
+* ``no_assistant``: no assistant turn at all;
+* ``image_in_response``: an ``<image>`` marker inside an assistant turn (image tokens are never supervised);
+* ``image_count``: the number of ``<image>`` markers differs from the number of images;
+* ``missing_image`` / ``unreadable_image``: an image file does not exist, or Pillow cannot open and verify it;
+* ``template``: the ``plain`` template needs exactly one user turn followed by one assistant turn.
+
+Rendering adds ``too_long``, ``image_token_in_text`` and ``template`` problems (:mod:`emkd.data.render`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+IMAGE_MARKER = "<image>"
+ROLES = ("system", "user", "assistant")
+_LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user": "user", "assistant": "assistant"}
+
+# problem kinds, in the order a report lists them
+PROBLEM_KINDS = (
+    "malformed_json",
+    "malformed_record",
+    "roles",
+    "no_assistant",
+    "image_in_response",
+    "image_count",
+    "missing_image",
+    "unreadable_image",
+    "template",
+    "image_token_in_text",
+    "too_long",
+)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a record comes from: ``file`` and either a 1-based ``line`` (JSONL) or a 0-based ``index`` (JSON list)."""
+
+    file: str
+    line: int | None = None
+    index: int | None = None
+
+    def __str__(self) -> str:
+        if self.line is not None:
+            return f"{self.file}:{self.line}"
+        if self.index is not None:
+            return f"{self.file}[{self.index}]"
+        return self.file
+
+
+class Part(NamedTuple):
+    """One piece of a turn's content: ``Part("text", "...")`` or ``Part("image")``."""
+
+    type: str
+    text: str = ""
+
+
+class Turn(NamedTuple):
+    """One message: ``role`` in :data:`ROLES` and its content as a tuple of :class:`Part`."""
+
+    role: str
+    parts: tuple[Part, ...]
+
+    @property
+    def text(self) -> str:
+        """The content as one string, an ``<image>`` marker standing for each image part."""
+        return "".join(IMAGE_MARKER if p.type == "image" else p.text for p in self.parts)
+
+    @property
+    def num_images(self) -> int:
+        return sum(p.type == "image" for p in self.parts)
+
+
+@dataclass(frozen=True)
+class Record:
+    """One conversation, normalised from either format; ``image_paths`` are as written in the file."""
+
+    id: str | None
+    source: Source
+    messages: tuple[Turn, ...]
+    image_paths: tuple[str, ...]
+
+    @property
+    def num_image_markers(self) -> int:
+        return sum(t.num_images for t in self.messages)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason a record is bad: ``kind`` (one of :data:`PROBLEM_KINDS`) and a sentence for a human."""
+
+    kind: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class BadRecord:
+    """A record that breaks at least one rule, with every problem found."""
+
+    source: Source
+    record_id: str | None
+    problems: tuple[Problem, ...]
+
+    @property
+    def kinds(self) -> list[str]:
+        return [p.kind for p in self.problems]
+
+    def __str__(self) -> str:
+        rid = "?" if self.record_id is None else repr(self.record_id)
+        return f"{self.source} (id {rid}): " + "; ".join(f"[{p.kind}] {p.reason}" for p in self.problems)
+
+
+class RecordError(ValueError):
+    """A record that cannot be normalised (``malformed_json`` / ``malformed_record``)."""
+
+    def __init__(self, kind: str, reason: str):
+        super().__init__(reason)
+        self.problem = Problem(kind, reason)
+
+
+# ---- parsing --------------------------------------------------------------------------------------------------------
+def split_markers(text: str) -> tuple[Part, ...]:
+    """``"a<image>b"`` -> ``(Part("text", "a"), Part("image"), Part("text", "b"))``; empty text parts are omitted."""
+    parts: list[Part] = []
+    for k, chunk in enumerate(text.split(IMAGE_MARKER)):
+        if k:
+            parts.append(Part("image"))
+        if chunk:
+            parts.append(Part("text", chunk))
+    return tuple(parts)
+
+
+def _image_list(obj: dict, keys: tuple[str, ...]) -> tuple[str, ...]:
+    present = [k for k in keys if k in obj and obj[k] is not None]
+    if len(present) > 1:
+        raise RecordError("malformed_record", f"both {present[0]!r} and {present[1]!r} are given; use one")
+    if not present:
+        return ()
+    key = present[0]
+    value = obj[key]
+    paths = [value] if isinstance(value, str) else value
+    if not isinstance(paths, list) or not all(isinstance(p, str) for p in paths):
+        raise RecordError("malformed_record", f"{key!r} must be a path string or a list of path strings")
+    return tuple(paths)
+
+
+def _parse_llava(obj: dict) -> tuple[tuple[Turn, ...], tuple[str, ...]]:
+    convs = obj["conversations"]
+    if not isinstance(convs, list):
+        raise RecordError("malformed_record", "'conversations' must be a list")
+    turns = []
+    for k, turn in enumerate(convs):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or "from" not in turn:
+            raise RecordError(
+                "malformed_record", f"conversations[{k}] must be an object with 'from' and a string 'value'"
+            )
+        role = _LLAVA_ROLES.get(turn["from"])
+        if role is None:
+            raise RecordError(
+                "malformed_record",
+                f"conversations[{k}] has unknown 'from' {turn['from']!r} (expected human, gpt or system)",
+            )
+        turns.append(Turn(role, split_markers(turn["value"])))
+    return tuple(turns), _image_list(obj, ("image", "images"))
+
+
+def _parse_messages(obj: dict) -> tuple[tuple[Turn, ...], tuple[str, ...]]:
+    msgs = obj["messages"]
+    if not isinstance(msgs, list):
+        raise RecordError("malformed_record", "'messages' must be a list")
+    turns = []
+    for k, msg in enumerate(msgs):
+        if not isinstance(msg, dict) or "role" not in msg or "content" not in msg:
+            raise RecordError("malformed_record", f"messages[{k}] must be an object with 'role' and 'content'")
+        if msg["role"] not in ROLES:
+            raise RecordError("malformed_record", f"messages[{k}] has unknown role {msg['role']!r} (expected {ROLES})")
+        content = msg["content"]
+        if isinstance(content, str):
+            parts = split_markers(content)
+        elif isinstance(content, list):
+            built: list[Part] = []
+            for j, part in enumerate(content):
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "image":
+                    built.append(Part("image"))
+                elif kind == "text" and isinstance(part.get("text"), str):
+                    built.extend(split_markers(part["text"]))
+                else:
+                    raise RecordError(
+                        "malformed_record",
+                        f"messages[{k}].content[{j}] must be {{'type': 'image'}} or {{'type': 'text', 'text': str}}",
+                    )
+            parts = tuple(built)
+        else:
+            raise RecordError("malformed_record", f"messages[{k}].content must be a string or a list of parts")
+        turns.append(Turn(msg["role"], parts))
+    return tuple(turns), _image_list(obj, ("images",))
+
+
+def parse_record(obj: Any, source: Source) -> Record:
+    """Normalise one decoded JSON value to a :class:`Record`; raises :class:`RecordError` when it is malformed."""
+    if not isinstance(obj, dict):
+        raise RecordError("malformed_record", f"a record must be a JSON object, got {type(obj).__name__}")
+    if "video" in obj or "videos" in obj:
+        raise RecordError("malformed_record", "video samples are not supported")
+    has_llava, has_hf = "conversations" in obj, "messages" in obj
+    if has_llava == has_hf:
+        raise RecordError("malformed_record", "a record needs exactly one of 'conversations' (LLaVA) or 'messages'")
+    messages, images = _parse_llava(obj) if has_llava else _parse_messages(obj)
+    rid = obj.get("id")
+    return Record(id=None if rid is None else str(rid), source=source, messages=messages, image_paths=images)
+
+
+def read_records(path: str | os.PathLike) -> Iterator[Record | BadRecord]:
+    """Yield every record of a JSON list or JSONL file, in file order, as a :class:`Record` or, when it cannot be
+    parsed, a :class:`BadRecord` (``malformed_json`` / ``malformed_record``).
+
+    A file whose name ends in ``.jsonl`` or whose first non-blank character is not ``[`` is read as JSONL; blank
+    lines are skipped. A JSON list that does not parse yields one ``malformed_json`` :class:`BadRecord` for the
+    whole file, at the line the parser stopped.
+    """
+    path = os.fspath(path)
+    with open(path, encoding="utf-8") as fh:
+        text = fh.read()
+    if not path.endswith(".jsonl") and text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            yield BadRecord(Source(path, line=e.lineno), None, (Problem("malformed_json", f"invalid JSON: {e}"),))
+            return
+        for index, obj in enumerate(data):
+            yield _parsed(obj, Source(path, index=index))
+        return
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        source = Source(path, line=lineno)
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield BadRecord(source, None, (Problem("malformed_json", f"invalid JSON: {e}"),))
+            continue
+        yield _parsed(obj, source)
+
+
+def _parsed(obj: Any, source: Source) -> Record | BadRecord:
+    try:
+        return parse_record(obj, source)
+    except RecordError as e:
+        rid = obj.get("id") if isinstance(obj, dict) else None
+        return BadRecord(source, None if rid is None else str(rid), (e.problem,))
+
+
+# ---- images ---------------------------------------------------------------------------------------------------------
+def resolve_image(path: str, images_dir: str | os.PathLike | None, data_file: str | None = None) -> str:
+    """Where an image path of a record points: under ``images_dir``, or the data file's directory when it is
+    ``None``; an absolute path is returned unchanged."""
+    root = images_dir if images_dir is not None else (os.path.dirname(data_file) if data_file else "")
+    return os.path.join(os.fspath(root), path)
+
+
+def image_problem(path: str, resolved: str) -> Problem | None:
+    """``missing_image`` / ``unreadable_image`` for one image file, or ``None`` when Pillow opens and verifies it."""
+    from PIL import Image
+
+    if not os.path.isfile(resolved):
+        return Problem("missing_image", f"image {path!r} not found (looked for {resolved})")
+    try:
+        with Image.open(resolved) as im:
+            im.verify()
+    except Exception as e:  # Pillow raises many types for broken files
+        return Problem("unreadable_image", f"image {path!r} cannot be read ({type(e).__name__}: {e})")
+    return None
+
+
+def load_images(record: Record, images_dir: str | os.PathLike | None) -> list:
+    """The record's images as RGB PIL images, in marker order (converted to RGB as LLaVA does)."""
+    from PIL import Image
+
+    out = []
+    for p in record.image_paths:
+        with Image.open(resolve_image(p, images_dir, record.source.file)) as im:
+            out.append(im.convert("RGB"))
+    return out
+
+
+# ---- validation -----------------------------------------------------------------------------------------------------
+def role_problems(messages: tuple[Turn, ...]) -> list[Problem]:
+    """``roles`` and ``no_assistant`` problems of a conversation (see the module docstring)."""
+    roles = [t.role for t in messages]
+    body_start = 1 if roles and roles[0] == "system" else 0
+    body = roles[body_start:]
+    if "assistant" not in body:
+        return [Problem("no_assistant", f"no assistant turn (roles: {roles})")]
+    for k, role in enumerate(body):
+        expected = "user" if k % 2 == 0 else "assistant"
+        if role != expected:
+            where = body_start + k
+            extra = " (only the first turn may be system)" if role == "system" else ""
+            return [
+                Problem(
+                    "roles",
+                    f"turn {where} is {role!r}, expected {expected!r}{extra}: roles must alternate user/assistant "
+                    f"after an optional system turn (roles: {roles})",
+                )
+            ]
+    if body[-1] != "assistant":
+        return [Problem("roles", f"the last turn ({len(roles) - 1}) is a user turn with no answer (roles: {roles})")]
+    return []
+
+
+def validate_record(
+    record: Record, images_dir: str | os.PathLike | None, template: str = "chat", check_images: bool = True
+) -> list[Problem]:
+    """Every structural problem of ``record`` (empty when it is good). Rendering checks come later.
+
+    Args:
+        record: the record to check.
+        images_dir: where image paths resolve (``None``: the data file's directory).
+        template: ``"chat"`` or ``"plain"`` (the latter needs exactly ``[user, assistant]``).
+        check_images: open and verify every image with Pillow (``False``: existence only).
+    """
+    problems = role_problems(record.messages)
+    if not problems and template == "plain" and [t.role for t in record.messages] != ["user", "assistant"]:
+        problems.append(
+            Problem(
+                "template",
+                "the plain template needs exactly one user turn followed by one assistant turn, found roles "
+                f"{[t.role for t in record.messages]}",
+            )
+        )
+    for k, turn in enumerate(record.messages):
+        if turn.role == "assistant" and turn.num_images:
+            problems.append(Problem("image_in_response", f"turn {k} (assistant) contains an <image> marker"))
+    n_markers, n_images = record.num_image_markers, len(record.image_paths)
+    if n_markers != n_images:
+        problems.append(Problem("image_count", f"{n_markers} <image> markers but {n_images} images"))
+    for p in record.image_paths:
+        resolved = resolve_image(p, images_dir, record.source.file)
+        if check_images:
+            problem = image_problem(p, resolved)
+        else:
+            problem = None if os.path.isfile(resolved) else Problem(
+                "missing_image", f"image {p!r} not found (looked for {resolved})"
+            )
+        if problem is not None:
+            problems.append(problem)
+    return problems

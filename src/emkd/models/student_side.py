@@ -1,0 +1,246 @@
+"""How the efficient student sees images (:class:`EfficientMLLMSide`) and what it shows a loss
+(:class:`EfficientMLLMAdapter`), plus :func:`load_student` for a local student directory.
+
+The side turns a sample's PIL images into ``{"pixel_values": [n, 3, S, S]}`` with the checkpoint's Hugging Face image
+processor (``SiglipImageProcessor``/``CLIPImageProcessor``; with transformers 5 and no torchvision their ``...Pil``
+variants, which :func:`load_student` asks for explicitly). With AnyRes it first lays each image out like LLaVA-NeXT:
+resize to fit the best resolution of ``image_grid_pinpoints`` keeping the aspect ratio, pad centred with black,
+cut into tiles of the tower's image size in raster order, and put the whole image (resized to one tile by the
+processor) in front. A sample then gives ``pixel_values [n, 1 + T_max, 3, S, S]`` (tiles zero-padded to the sample's
+largest count; the batch collate pads again) and ``image_sizes [n, 2]`` = original ``(height, width)``.
+
+A student directory holds the model, tokenizer and image processor, all written by ``save_pretrained`` (see
+:func:`emkd.models.tiny.save_tiny_student`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoTokenizer
+
+from emkd.inputs import DistillInputs
+from emkd.models.base import AdapterOutput, DistillAdapter, VisionSide
+from emkd.models.student import EfficientMLLMConfig, EfficientMLLMForCausalLM
+
+IMAGE_TOKEN = "<image>"
+IMAGE_KEYS = ("pixel_values", "image_sizes")
+
+
+def processor_output_size(image_processor: Any) -> tuple[int, int]:
+    """``(height, width)`` of the images a Hugging Face image processor returns (crop size if it centre-crops)."""
+    size = getattr(image_processor, "size", None) or {}
+    crop = getattr(image_processor, "crop_size", None) or {}
+    if getattr(image_processor, "do_center_crop", False) and "height" in crop:
+        return int(crop["height"]), int(crop["width"])
+    if "height" in size and "width" in size:
+        return int(size["height"]), int(size["width"])
+    raise ValueError(
+        f"cannot tell the output size of {type(image_processor).__name__} (size={size}, crop_size={crop}); give it "
+        "size={'height': S, 'width': S} or a centre crop"
+    )
+
+
+class EfficientMLLMSide(VisionSide):
+    """The student's :class:`~emkd.models.base.VisionSide`.
+
+    Args:
+        tokenizer: the student's tokenizer; its ``<image>`` id must be ``config.image_token_id``.
+        image_processor: a Hugging Face image processor whose output size is the tower's ``image_size``.
+        config: the student's :class:`~emkd.models.student.EfficientMLLMConfig`.
+    """
+
+    image_wrapper: tuple[str, str] = ("", "")
+
+    def __init__(self, tokenizer: Any, image_processor: Any, config: EfficientMLLMConfig) -> None:
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.config = config
+        if config.image_token_id is None:
+            raise ValueError("EfficientMLLMConfig.image_token_id is None; set it to the tokenizer's '<image>' id")
+        self.image_token_id = int(config.image_token_id)
+        token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        if token_id != self.image_token_id:
+            raise ValueError(
+                f"tokenizer maps {IMAGE_TOKEN!r} to id {token_id}, but config.image_token_id={self.image_token_id}"
+            )
+        S = config.tile_size
+        if processor_output_size(image_processor) != (S, S):
+            raise ValueError(
+                f"image processor outputs {processor_output_size(image_processor)} images, the vision tower reads "
+                f"{(S, S)}"
+            )
+
+    # ---- images -> tensors --------------------------------------------------------------------------------------
+    def anyres_views(self, image: Image.Image) -> list[Image.Image]:
+        """LLaVA-NeXT layout of one image: ``[whole image] + rows x cols tiles`` (raster order), all PIL."""
+        image = image.convert("RGB")
+        w, h = image.size
+        rows, cols = self.config.anyres_grid((h, w))
+        S = self.config.tile_size
+        H, W = rows * S, cols * S
+        scale = min(W / w, H / h)  # fit inside (H, W) keeping the aspect ratio, as LLaVA-NeXT's resize_and_pad
+        nw, nh = min(math.ceil(w * scale), W), min(math.ceil(h * scale), H)
+        canvas = Image.new("RGB", (W, H), (0, 0, 0))
+        canvas.paste(image.resize((nw, nh), resample=Image.Resampling.BICUBIC), ((W - nw) // 2, (H - nh) // 2))
+        tiles = [canvas.crop((c * S, r * S, (c + 1) * S, (r + 1) * S)) for r in range(rows) for c in range(cols)]
+        return [image] + tiles
+
+    def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]  # (n, 3, S, S)
+
+    def image_inputs(self, images: list) -> dict[str, torch.Tensor]:
+        """``{"pixel_values": [n, 3, S, S]}``; AnyRes: ``{"pixel_values": [n, 1 + T_max, 3, S, S],
+        "image_sizes": [n, 2]}``; ``{}`` for a sample without images."""
+        if not images:
+            return {}
+        if not self.config.anyres:
+            return {"pixel_values": self._pixels(list(images))}
+        views = [self._pixels(self.anyres_views(im)) for im in images]  # n x (1 + T_i, 3, S, S)
+        sizes = torch.tensor([[im.size[1], im.size[0]] for im in images], dtype=torch.long)  # (n, 2) = (h, w)
+        return {"pixel_values": _pad_views(views), "image_sizes": sizes}
+
+    def num_image_tokens(self, image_inputs: dict[str, torch.Tensor], index: int) -> int:
+        """Image tokens of image ``index``: ``tokens_per_tile`` times its views (1, or 1 + tiles with AnyRes)."""
+        if not self.config.anyres:
+            return self.config.num_image_tokens()
+        h, w = (int(x) for x in image_inputs["image_sizes"][index])
+        return self.config.num_image_tokens((h, w))
+
+    def collate_image_inputs(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Concatenate the samples' images in order (AnyRes: zero-pad the view axis to the batch's largest)."""
+        items = [it for it in items if it]
+        if not items:
+            return {}
+        if not self.config.anyres:
+            return {"pixel_values": torch.cat([it["pixel_values"] for it in items])}
+        pixels = _pad_views([v for it in items for v in it["pixel_values"]])
+        return {"pixel_values": pixels, "image_sizes": torch.cat([it["image_sizes"] for it in items])}
+
+
+def _pad_views(views: list[torch.Tensor]) -> torch.Tensor:
+    """Stack per-image ``[V_i, 3, S, S]`` into ``[n, max V_i, 3, S, S]``, zero-padding the view axis."""
+    most = max(v.shape[0] for v in views)
+    out = views[0].new_zeros((len(views), most, *views[0].shape[1:]))
+    for i, v in enumerate(views):
+        out[i, : v.shape[0]] = v
+    return out
+
+
+# ---- adapter ----------------------------------------------------------------------------------------------------
+@contextmanager
+def recorded_attention(model: EfficientMLLMForCausalLM, layer: int) -> Iterator[dict[str, torch.Tensor]]:
+    """Record the head-averaged attention probabilities ``[B, L, L]`` of decoder layer ``layer`` (negative counts
+    from the end) during the forwards run inside the block; the result is ``record["attention"]``.
+
+    Attention probabilities exist only in the "eager" implementation, so the language model is switched to it for
+    the block and switched back afterwards (the vision tower keeps its own). Eager and SDPA agree up to float
+    rounding, so the hidden states of a recorded call may differ from an unrecorded one in the last bits.
+    """
+    layers = model.get_decoder().layers
+    if not -len(layers) <= layer < len(layers):
+        raise ValueError(f"attention_layer={layer} is out of range for a decoder with {len(layers)} layers")
+    record: dict[str, torch.Tensor] = {}
+
+    def hook(_module, _args, output):
+        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if weights is None:
+            raise RuntimeError(f"decoder layer {layer}'s attention returned no weights under eager attention")
+        record["attention"] = weights.mean(dim=1)  # (B, H, L, L) -> (B, L, L)
+
+    lm = model.language_model
+    previous = lm.config._attn_implementation
+    lm.set_attn_implementation("eager")
+    handle = layers[layer].self_attn.register_forward_hook(hook)
+    try:
+        yield record
+    finally:
+        handle.remove()
+        lm.set_attn_implementation(previous)
+
+
+class EfficientMLLMAdapter(DistillAdapter):
+    """Runs the student on its side of a collated batch and returns :class:`~emkd.models.base.AdapterOutput`.
+
+    Args:
+        model: the student.
+        side: its :class:`EfficientMLLMSide`.
+        return_logits: also return the full ``[B, L, V]`` logits (``AdapterOutput.logits``). The losses only need
+            ``hidden`` and the head; pass ``False`` at real vocabulary sizes to skip the ``B x L x V`` tensor.
+    """
+
+    def __init__(self, model: EfficientMLLMForCausalLM, side: EfficientMLLMSide, return_logits: bool = True) -> None:
+        self.model = model
+        self.side = side
+        self.return_logits = return_logits
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.model.get_decoder().layers)
+
+    def __call__(self, batch: dict[str, torch.Tensor], attention_layer: int | None = None) -> AdapterOutput:
+        """Forward the student; ``attention_layer`` asks for that decoder layer's head-averaged attention."""
+        images = {k: batch[k] for k in IMAGE_KEYS if k in batch}
+        kwargs = dict(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            use_cache=False,
+            return_logits=self.return_logits,
+            **images,
+        )
+        attention = None
+        if attention_layer is None:
+            out = self.model(**kwargs)
+        else:
+            with recorded_attention(self.model, attention_layer) as record:
+                out = self.model(**kwargs)
+            attention = record["attention"]  # (B, L, L)
+        head = self.model.get_output_embeddings()
+        inputs = DistillInputs(
+            hidden=out.hidden,
+            head_weight=head.weight,
+            vision_mask=out.vision_mask,
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            head_bias=head.bias,
+            instruction_mask=batch.get("instruction_mask"),
+        )
+        return AdapterOutput(inputs=inputs, attention=attention, logits=out.logits)
+
+
+def load_student(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+    image_processor_backend: str = "pil",
+) -> tuple[EfficientMLLMForCausalLM, EfficientMLLMSide]:
+    """Load ``(model, side)`` from a local directory holding the model, tokenizer and image processor.
+
+    ``image_processor_backend="pil"`` asks transformers for the ``...Pil`` image processor, which needs no
+    torchvision and is the one the tiny checkpoints are tested with.
+    """
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"load_student: no config.json in {path}")
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    image_processor = AutoImageProcessor.from_pretrained(path, backend=image_processor_backend)
+    model = EfficientMLLMForCausalLM.from_pretrained(path, **({} if dtype is None else {"dtype": dtype}))
+    if device is not None:
+        model = model.to(device)
+    return model, EfficientMLLMSide(tokenizer, image_processor, model.config)
+
+
+__all__ = [
+    "EfficientMLLMAdapter",
+    "EfficientMLLMSide",
+    "load_student",
+    "processor_output_size",
+    "recorded_attention",
+]

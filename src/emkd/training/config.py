@@ -1,0 +1,129 @@
+"""Training recipes: dataclasses with help text, validated on construction, loaded from YAML with overrides.
+
+A recipe is a YAML file whose keys mirror :class:`TrainConfig`; ``--set key=value`` overrides any key, nested keys
+with dots (``data.train=...``). Values are parsed as YAML scalars (``max_steps=10`` is an int, ``loss.gamma=25.0`` a
+float). Unknown keys are errors that name the key and the recipe file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+METHODS = ("sft", "kd", "rkl", "llava_kd", "align_ti", "emkd")
+STAGES = ("align", "instruct", "dpt", "sft", "dft")
+TEMPLATES = ("plain", "chat")
+
+
+def _help(text: str, **kw: Any) -> Any:
+    return field(metadata={"help": text}, **kw)
+
+
+@dataclass
+class DataConfig:
+    train: str | None = _help("LLaVA JSON/JSONL (or HF messages) file of training records", default=None)
+    eval: str | None = _help("held-out records, same format", default=None)
+    images: str | None = _help("directory that image paths in the records are relative to", default=None)
+    template: str = _help("'plain' (caption alignment) or 'chat' (the tokenizer's chat template)", default="chat")
+    max_length: int = _help("maximum tokens per rendered sample (prompt + vision tokens must fit)", default=2048)
+    on_bad_sample: str = _help("'error' stops at the first bad record, 'skip' drops and counts it", default="error")
+
+    def __post_init__(self) -> None:
+        if self.template not in TEMPLATES:
+            raise ValueError(f"data.template must be one of {TEMPLATES}, got {self.template!r}")
+        if self.on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_sample must be 'error' or 'skip', got {self.on_bad_sample!r}")
+        if self.max_length <= 0:
+            raise ValueError(f"data.max_length must be positive, got {self.max_length}")
+
+
+@dataclass
+class TrainConfig:
+    method: str = _help(f"distillation method, one of {METHODS}", default="emkd")
+    stage: str = _help(
+        "'align' (projector only), 'instruct' (LLM + projector), or LLaVA-KD's 'dpt' / 'sft' / 'dft'", default="instruct"
+    )
+    student: str | None = _help("directory of the student checkpoint (model, tokenizer, image processor)", default=None)
+    teacher: str | None = _help("directory of the teacher checkpoint; unused by 'sft'", default=None)
+    loss: dict = _help("keyword arguments of the method's loss (defaults are the papers' values)", default_factory=dict)
+    data: DataConfig = _help("data files and rendering", default_factory=DataConfig)
+    output_dir: str = _help("where checkpoints, logs and the final model go", default="runs/train")
+    max_steps: int = _help("optimizer steps (-1: run num_epochs)", default=-1)
+    num_epochs: float = _help("epochs when max_steps is -1", default=1.0)
+    batch_size: int = _help("samples per device per micro-batch", default=4)
+    grad_accum: int = _help("micro-batches per optimizer step", default=1)
+    learning_rate: float = _help("peak learning rate", default=2e-5)
+    weight_decay: float = _help("AdamW weight decay", default=0.0)
+    warmup_ratio: float = _help("fraction of steps with linear warm-up", default=0.03)
+    lr_scheduler: str = _help("transformers scheduler name", default="cosine")
+    max_grad_norm: float = _help("gradient clipping norm", default=1.0)
+    seed: int = _help("seed of initialisation, data order and sampling", default=0)
+    logging_steps: int = _help("log every N optimizer steps", default=1)
+    save_steps: int = _help("checkpoint every N optimizer steps (0: only at the end)", default=0)
+    save_total_limit: int = _help("checkpoints kept", default=2)
+    train_vision_tower: bool = _help("also train the vision tower in 'instruct'/'sft'/'dft'", default=False)
+    teacher_dtype: str = _help("dtype the teacher runs in: float32, bfloat16 or float16", default="float32")
+    dataloader_workers: int = _help("data loader worker processes", default=0)
+    irs_layer: int | None = _help("Align-TI: teacher layer for IVA weights (None: argmax of the IRS file)", default=None)
+    irs_file: str | None = _help("Align-TI: JSON written by `emkd irs`", default=None)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.data, dict):
+            self.data = DataConfig(**self.data)
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.method != "sft" and self.stage not in ("sft",) and self.teacher is None and self.student is not None:
+            raise ValueError(f"method {self.method!r} needs a teacher directory (set teacher=...)")
+        if self.batch_size < 1 or self.grad_accum < 1:
+            raise ValueError(f"batch_size and grad_accum must be >= 1, got {self.batch_size}, {self.grad_accum}")
+        if self.teacher_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"teacher_dtype must be float32, bfloat16 or float16, got {self.teacher_dtype!r}")
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ValueError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else None
+
+
+def _known_keys(cls: type) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
+    """Read a YAML recipe (or start from defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: a recipe must be a mapping of keys to values, got {type(raw).__name__}")
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {item}: {k!r} is not a mapping")
+        node[keys[-1]] = value
+    unknown = set(raw) - _known_keys(TrainConfig)
+    if unknown:
+        raise ValueError(f"{source}: unknown recipe keys {sorted(unknown)}; known: {sorted(_known_keys(TrainConfig))}")
+    data_unknown = set(raw.get("data") or {}) - _known_keys(DataConfig)
+    if data_unknown:
+        raise ValueError(f"{source}: unknown data keys {sorted(data_unknown)}; known: {sorted(_known_keys(DataConfig))}")
+    raw["data"] = DataConfig(**(raw.get("data") or {}))
+    return TrainConfig(**raw)
+
+
+def to_dict(config: TrainConfig) -> dict[str, Any]:
+    return dataclasses.asdict(config)
