@@ -18,6 +18,13 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_run_demo)
 
+    train = sub.add_parser("train", help="train a student from a YAML recipe")
+    train.add_argument("recipe", nargs="?", help="YAML recipe (see recipes/); omit to start from defaults")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a recipe key, e.g. --set method=kd --set data.train=train.json")
+    train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    train.set_defaults(func=_run_train)
+
     data = sub.add_parser("data", help="inspect LLaVA-format data")
     data_sub = data.add_subparsers(dest="data_command", metavar="subcommand")
     check = data_sub.add_parser("check", help="list every bad record of a data file with its line or index")
@@ -33,6 +40,16 @@ def _run_demo(args: argparse.Namespace) -> int:
     from emkd.demo.losses import run_loss_demo
 
     run_loss_demo(steps=args.steps, seed=args.seed)
+    return 0
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from emkd.training.config import load_recipe
+    from emkd.training.run import train
+
+    config = load_recipe(args.recipe, args.overrides)
+    summary = train(config, resume=args.resume)
+    print(f"done: {summary}")
     return 0
 
 

@@ -184,8 +184,15 @@ class EfficientMLLMAdapter(DistillAdapter):
     def num_layers(self) -> int:
         return len(self.model.get_decoder().layers)
 
-    def __call__(self, batch: dict[str, torch.Tensor], attention_layer: int | None = None) -> AdapterOutput:
-        """Forward the student; ``attention_layer`` asks for that decoder layer's head-averaged attention."""
+    def __call__(
+        self, batch: dict[str, torch.Tensor], attention_layer: int | None = None, model: torch.nn.Module | None = None
+    ) -> AdapterOutput:
+        """Forward the student; ``attention_layer`` asks for that decoder layer's head-averaged attention.
+
+        ``model`` runs the forward instead of ``self.model`` when given: a trainer passes its wrapped model
+        (DDP, FSDP, DeepSpeed) so that gradients are synchronised; the head is read from ``self.model``.
+        """
+        runner = self.model if model is None else model
         images = {k: batch[k] for k in IMAGE_KEYS if k in batch}
         kwargs = dict(
             input_ids=batch["input_ids"],
@@ -196,10 +203,10 @@ class EfficientMLLMAdapter(DistillAdapter):
         )
         attention = None
         if attention_layer is None:
-            out = self.model(**kwargs)
+            out = runner(**kwargs)
         else:
             with recorded_attention(self.model, attention_layer) as record:
-                out = self.model(**kwargs)
+                out = runner(**kwargs)
             attention = record["attention"]  # (B, L, L)
         head = self.model.get_output_embeddings()
         inputs = DistillInputs(

@@ -1,0 +1,138 @@
+"""``emkd train``: a recipe read top to bottom — setup, train, save.
+
+``train(config)`` loads the student and (unless the method is ``sft``) the teacher from local directories, checks that
+they tokenize text identically, sets what the stage trains, builds the pair data set, and runs
+:class:`~emkd.training.trainer.DistillTrainer`. Under ``torchrun`` every process runs this same function; the
+Trainer splits the batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import TrainingArguments, set_seed
+
+from emkd.data import PairCollator, PairDataset
+from emkd.models import EfficientMLLMAdapter, check_same_tokenization, load_student, load_teacher
+from emkd.training.config import TrainConfig
+from emkd.training.methods import build_method
+from emkd.training.stages import apply_stage
+from emkd.training.trainer import DistillTrainer, InterruptCallback, JsonlLogger, last_complete_checkpoint
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def training_arguments(config: TrainConfig, **overrides: Any) -> TrainingArguments:
+    """The ``TrainingArguments`` a recipe stands for (CPU when no GPU is visible)."""
+    kwargs = dict(
+        output_dir=config.output_dir,
+        max_steps=config.max_steps,
+        num_train_epochs=config.num_epochs,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay,
+        warmup_steps=config.warmup_ratio,
+        lr_scheduler_type=config.lr_scheduler,
+        max_grad_norm=config.max_grad_norm,
+        seed=config.seed,
+        data_seed=config.seed,
+        logging_steps=config.logging_steps,
+        save_strategy="steps" if config.save_steps > 0 else "no",
+        save_steps=max(config.save_steps, 1),
+        save_total_limit=config.save_total_limit,
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=config.dataloader_workers,
+        use_cpu=not torch.cuda.is_available(),
+        ddp_find_unused_parameters=False,
+        disable_tqdm=False,
+    )
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def build_trainer(config: TrainConfig) -> DistillTrainer:
+    """Everything ``train`` needs, without running it (tests use this to inspect a run)."""
+    set_seed(config.seed)
+    method = build_method(config.method, **config.loss)
+    model, student_side = load_student(config.student)
+    apply_stage(model, config.stage, config.train_vision_tower)
+    student = EfficientMLLMAdapter(model, student_side, return_logits=False)
+    teacher = None
+    if method.needs_teacher:
+        if config.teacher is None:
+            raise ValueError(f"method {config.method!r} needs a teacher: set teacher=DIR")
+        teacher = load_teacher(config.teacher, dtype=DTYPES[config.teacher_dtype])
+        teacher.return_logits = False
+        check_same_tokenization(student_side.tokenizer, teacher.side.tokenizer)
+    teacher_side = teacher.side if teacher is not None else student_side
+    if config.data.train is None:
+        raise ValueError("no training data: set data.train=FILE")
+    train_set = PairDataset(
+        config.data.train,
+        config.data.images,
+        student_side,
+        teacher_side,
+        template=config.data.template,
+        max_length=config.data.max_length,
+        on_bad_sample=config.data.on_bad_sample,
+    )
+    trainer = DistillTrainer(
+        model=model,
+        args=training_arguments(config),
+        train_dataset=train_set,
+        data_collator=PairCollator(student_side, teacher_side),
+        method=method,
+        student_adapter=student,
+        teacher_adapter=teacher,
+        callbacks=[JsonlLogger(Path(config.output_dir) / "log.jsonl")],
+    )
+    trainer.student_side = student_side
+    return trainer
+
+
+def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
+    """Run a recipe; return a summary (steps, final loss, where the model is, skipped records)."""
+    trainer = build_trainer(config)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    checkpoint = None
+    if resume:
+        checkpoint = last_complete_checkpoint(out)
+        if checkpoint is None:
+            print(f"--resume: no complete checkpoint in {out}; starting from the beginning")
+    interrupt = InterruptCallback()
+    trainer.add_callback(interrupt)
+    interrupt.install()
+    try:
+        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    finally:
+        interrupt.uninstall()
+    skipped = trainer.train_dataset.skipped
+    summary = {
+        "global_step": trainer.state.global_step,
+        "train_loss": result.training_loss,
+        "interrupted": interrupt.interrupted,
+        "skipped_records": len(skipped),
+        "resumed_from": str(checkpoint) if checkpoint else None,
+    }
+    if skipped:
+        print(f"skipped {len(skipped)} bad records:")
+        for bad in skipped[:20]:
+            print(f"  {bad}")
+    if not interrupt.interrupted:
+        final = out / "final"
+        trainer.save_model(str(final))
+        if trainer.args.should_save:
+            trainer.student_side.tokenizer.save_pretrained(final)
+            trainer.student_side.image_processor.save_pretrained(final)
+        summary["final_model"] = str(final)
+    if trainer.args.should_save:
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
