@@ -19,7 +19,9 @@ CORPUS = [
 ]
 
 
-def build_workspace(root: Path, num_samples: int = 4, teacher_kind: str = "student") -> dict[str, Path]:
+def build_workspace(
+    root: Path, num_samples: int = 4, teacher_kind: str = "student", colours: list[str] | None = None
+) -> dict[str, Path]:
     """Write a student, a teacher and ``num_samples`` captioned / instruction samples under ``root``."""
     root.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(CORPUS, vocab_size=400)
@@ -32,7 +34,7 @@ def build_workspace(root: Path, num_samples: int = 4, teacher_kind: str = "stude
     images.mkdir(exist_ok=True)
     rng = np.random.default_rng(0)
     records, captions = [], []
-    names = list(COLOURS)
+    names = colours or list(COLOURS)
     for i in range(num_samples):
         colour = names[i % len(names)]
         img = np.full((32, 32, 3), 128, dtype=np.uint8)

@@ -1,0 +1,50 @@
+"""`torchrun --nproc_per_node 2 -m emkd train` on CPU (gloo) gives the losses of one process with the same global batch."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from _workspace import build_workspace
+
+
+def _run(cmd, env):
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun is installed with torch")
+def test_two_processes_match_one(tmp_path):
+    # Every sample has the same number of response and vision tokens, so the mean of the two processes' means is
+    # the mean over the global batch (see docs/training.md on normalisation).
+    ws = build_workspace(tmp_path / "ws", colours=["red"])
+    args = ["--set", "method=emkd", "--set", f"student={ws['student']}", "--set", f"teacher={ws['teacher']}",
+            "--set", f"data.train={ws['train']}", "--set", f"data.images={ws['images']}", "--set", "max_steps=3",
+            "--set", "learning_rate=0.003", "--set", "lr_scheduler=constant", "--set", "warmup_ratio=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    _run([sys.executable, "-m", "emkd", "train", *args, "--set", f"output_dir={tmp_path / 'one'}",
+          "--set", "batch_size=4"], env)
+    _run([torchrun, "--nproc_per_node", "2", "--master_port", "29533", "-m", "emkd", "train", *args,
+          "--set", f"output_dir={tmp_path / 'two'}", "--set", "batch_size=2"], env)
+
+    def logs(name):
+        return [json.loads(line) for line in open(tmp_path / name / "log.jsonl") if '"objective"' in line]
+
+    one, two = logs("one"), logs("two")
+    assert len(one) == len(two) == 3
+    for a, b in zip(one, two):
+        for key in ("loss", "sup", "rld", "vsd", "vlad", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    w1 = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
