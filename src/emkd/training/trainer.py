@@ -93,6 +93,26 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def check_sharding_supported(trainer: Trainer) -> None:
+    """Refuse parameter sharding that the losses cannot see through yet.
+
+    The losses read both LM heads outside the models' forward passes (``DistillInputs.head_weight``). Under DDP and
+    DeepSpeed ZeRO-1/2 every process holds the full weights, so that is exact. Under ZeRO-3 and FSDP full sharding
+    the head is a shard outside forward, and the logits would be wrong; rather than train on them, stop.
+    """
+    if trainer.is_fsdp_enabled:
+        raise NotImplementedError(
+            "FSDP is not supported yet: the distillation losses read the student's LM head outside its forward "
+            "pass, where FSDP keeps it sharded. Use DDP or DeepSpeed ZeRO-2 (configs/accelerate/)."
+        )
+    plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
+    if plugin is not None and int(plugin.zero_stage or 0) >= 3:
+        raise NotImplementedError(
+            "DeepSpeed ZeRO-3 is not supported yet: the distillation losses read the LM heads outside the forward "
+            "pass, where ZeRO-3 keeps them partitioned. Use ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml)."
+        )
+
+
 class DistillTrainer(Trainer):
     """``transformers.Trainer`` whose loss is a distillation :class:`Method`.
 
@@ -112,6 +132,7 @@ class DistillTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        check_sharding_supported(self)
         self.method = method
         self.student_adapter = student_adapter
         self.teacher_adapter = teacher_adapter
