@@ -46,13 +46,15 @@ COMPONENTS = {
     "rkl": {"ce", "kd"},
     "llava_kd": {"ce", "res", "vis", "rel"},
     "emkd": {"sup", "rld", "vsd", "vlad"},
+    "align_ti": {"ce", "iva", "kd", "tpa"},
 }
 
 
 @pytest.mark.parametrize("method", sorted(COMPONENTS))
 def test_each_method_lowers_its_loss_and_leaves_the_teacher_alone(ws, tmp_path, method):
     before = teacher_state(ws)
-    summary = train(recipe(ws, tmp_path / method, f"method={method}", "max_steps=6"))
+    extra = ["irs_layer=1"] if method == "align_ti" else []
+    summary = train(recipe(ws, tmp_path / method, f"method={method}", "max_steps=6", *extra))
     assert summary["global_step"] == 6
     logs = [r for r in read_log(tmp_path / method) if "objective" in r]
     assert len(logs) == 6
@@ -199,3 +201,11 @@ def test_tiny_two_phase_recipes_run(ws, tmp_path):
     after, _ = load_student(p1["final_model"])
     for (name, a), (_, b) in zip(init.named_parameters(), after.named_parameters()):
         assert torch.equal(a, b) == (not name.startswith("projector")), name
+
+
+def test_align_ti_takes_its_iva_layer_from_the_irs_file(ws, tmp_path):
+    (tmp_path / "irs.json").write_text(json.dumps({"scores": [0.1, 0.4], "best_layer": 1}))
+    trainer = build_trainer(recipe(ws, tmp_path / "a", "method=align_ti", f"irs_file={tmp_path / 'irs.json'}"))
+    assert trainer.method.loss_kwargs["iva_layer"] == 1
+    with pytest.raises(ValueError, match="emkd irs"):
+        build_trainer(recipe(ws, tmp_path / "b", "method=align_ti"))

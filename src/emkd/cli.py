@@ -25,6 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     train.set_defaults(func=_run_train)
 
+    irs = sub.add_parser("irs", help="Align-TI: Instruction-Relevance Score of every teacher layer (JSON + plot)")
+    from emkd.training.irs import add_irs_arguments, run_irs
+
+    add_irs_arguments(irs)
+    irs.set_defaults(func=run_irs)
+
     data = sub.add_parser("data", help="inspect LLaVA-format data")
     data_sub = data.add_subparsers(dest="data_command", metavar="subcommand")
     check = data_sub.add_parser("check", help="list every bad record of a data file with its line or index")

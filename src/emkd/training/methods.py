@@ -138,3 +138,24 @@ class EMKD(_LossMethod):
 
     def build_loss(self):
         return EMKDLoss(**self.loss_kwargs)
+
+
+@register_method
+class AlignTI(Method):
+    """Align-TI (``CE + IVA + KD + TPA``). ``loss_kwargs``: ``iva_layer`` (teacher layer of IVA's weights, set by
+    the trainer from ``irs_layer`` / ``irs_file``), ``num_candidates`` (4), ``sampling`` (``nucleus``), ``top_p``
+    (0.9), ``iva_matching`` (``auto``), ``temperature`` (1), ``vocab`` (``strict``)."""
+
+    name = "align_ti"
+
+    def __call__(self, student, teacher, batch, model=None) -> StepOutput:
+        from emkd.training.align_ti import align_ti_step
+
+        if teacher is None:
+            raise ValueError("method 'align_ti' needs a teacher")
+        if "iva_layer" not in self.loss_kwargs:
+            raise ValueError("method 'align_ti' needs iva_layer (set irs_layer= or irs_file= in the recipe)")
+        loss, parts = align_ti_step(student, teacher, batch, student_model=model, **self.loss_kwargs)
+        components = {k: float(parts[k].detach()) for k in ("ce", "iva", "kd", "tpa")}
+        components["loss"] = float(loss.detach())
+        return StepOutput(loss, components)

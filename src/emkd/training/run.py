@@ -56,14 +56,29 @@ def training_arguments(config: TrainConfig, **overrides: Any) -> TrainingArgumen
     return TrainingArguments(**kwargs)
 
 
+def resolve_iva_layer(config: TrainConfig) -> int:
+    """Align-TI's IVA layer: ``irs_layer`` if set, else ``best_layer`` of the ``emkd irs`` JSON in ``irs_file``."""
+    if config.irs_layer is not None:
+        return config.irs_layer
+    if config.irs_file is None:
+        raise ValueError(
+            "method 'align_ti' needs the teacher layer of IVA's weights: run `emkd irs` and set irs_file=PATH/irs.json, "
+            "or set irs_layer=N"
+        )
+    return int(json.loads(Path(config.irs_file).read_text())["best_layer"])
+
+
 def build_trainer(config: TrainConfig) -> DistillTrainer:
     """Everything ``train`` needs, without running it (tests use this to inspect a run)."""
     set_seed(config.seed)
-    method = build_method(config.method, **config.loss)
     model, student_side = load_student(config.student)
     apply_stage(model, config.stage, config.train_vision_tower)
     student = EfficientMLLMAdapter(model, student_side, return_logits=False)
     teacher = None
+    loss_kwargs = dict(config.loss)
+    if config.method == "align_ti" and config.teacher is not None:
+        loss_kwargs.setdefault("iva_layer", resolve_iva_layer(config))
+    method = build_method(config.method, **loss_kwargs)
     if method.needs_teacher:
         if config.teacher is None:
             raise ValueError(f"method {config.method!r} needs a teacher: set teacher=DIR")

@@ -1,0 +1,543 @@
+"""Align-TI with real models (Align-TI Eq. 4-8, Algorithm 1, Fig. 9; SPEC §6): TPA's candidates, the augmented
+"ribbon" batch that scores every candidate in one pass, and the full training step ``CE + IVA + KD + TPA``.
+
+The model-free pieces (``a_l(x)``, IRS, IVA, the ribbon mask) live in :mod:`emkd.losses.align_ti`; this module only
+runs models and lines tensors up.
+
+One step (:func:`align_ti_step`) runs
+
+1. the teacher on the ORIGINAL batch, recording the head-averaged attention of layer ``iva_layer`` (eager
+   attention for that call), which gives IVA its weights ``a_{l*}(x)`` and its teacher vision logits;
+2. the student on the original batch, without gradient, to sample ``d`` candidates ``c_k^(1..d)`` for every
+   supervised response token ``y_k`` from the student's distribution at the position that predicts ``y_k``
+   (:func:`sample_candidates`);
+3. the student (with gradient) and the teacher (without) on the AUGMENTED batch (:func:`build_tpa_batch`)::
+
+       [prefix, c_1^(1..d), y_1, c_2^(1..d), y_2, ..., c_L^(1..d), y_L]
+
+   under the ribbon mask, fed as an additive float 4D mask with the ribbon position ids.
+
+So the teacher runs twice (original with attention for IVA, augmented for KD/TPA) and the student twice (sampling
+without gradient, augmented with gradient), as Table 13 of the paper counts for the student. The ribbon mask makes
+every ground-truth token see exactly its original context at its original position id, so the augmented pass's
+hidden states at ground-truth tokens equal those of a normal pass (tests pin it to float tolerance). The student's
+CE and IVA, and KD, are therefore read from the augmented pass at the ground-truth tokens (the "original view",
+gathered through ``index_map``); the teacher's IVA inputs come from its normal pass. (The teacher's IVA attention
+could be read from the augmented pass as well, since a ground-truth query gives candidates exactly zero weight;
+that would save the teacher's normal pass but needs eager attention over the longer augmented sequence. Not done.)
+
+Layout choices (the SPEC is silent on them):
+
+* The prefix of a sample is every token before its FIRST supervised token (``labels[j] != -100``, ``j >= 1``); the
+  response is every remaining real token ``y_1 .. y_L``, supervised or not (later user turns of a multi-turn sample
+  are part of it). Candidates are drawn only for supervised ``y_k``; the ``d`` candidate slots of an unsupervised
+  ``y_k`` hold ``pad_token_id`` so that the layout stays the uniform one of :func:`ribbon_attention_mask`. They are
+  computed but never scored.
+* ``TPA`` is the mean over supervised ``k`` and over ``u`` of ``KL(p_t || p_s)`` at ``c_k^(u)``, i.e. of the two
+  models' ``P(. | x, y_<k, c_k^(u))``; ``KD`` the mean over response positions of ``KL(p_t || p_s)`` at the tokens
+  that predict supervised ``y_k`` (the last prefix token and ``y_1 .. y_{L-1}``), exactly vanilla KD's positions.
+* Candidates never include a vision placeholder id of either model (``image_token_id``, ``video_token_id``, ...):
+  a sampled image token would change the number of image tokens the models must fill.
+* With ``vocab="crop"`` candidates are sampled from the first ``min(V_s, V_t)`` logits, so both models know them.
+
+Supported models: the project's student class (as student or teacher) and Hugging Face LLaVA-1.5, LLaVA-NeXT and
+LLaVA-OneVision teachers (Qwen2 language models take a custom 4D mask and 1D position ids, in both "sdpa" and
+"eager"). Qwen2-VL / Qwen2.5-VL teachers are refused with ``NotImplementedError``: their 3D M-RoPE position ids
+are computed from the token layout and cannot take the ribbon position ids.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from emkd.inputs import IGNORE_INDEX, VOCAB_POLICIES, DistillInputs, check_pair
+from emkd.losses.align_ti import instruction_vision_attention, iva_loss, ribbon_attention_mask
+from emkd.losses.divergence import forward_kl
+from emkd.losses.response import cross_entropy, mean_or_zero
+from emkd.models.base import DistillAdapter
+from emkd.models.student_side import IMAGE_KEYS as STUDENT_IMAGE_KEYS
+from emkd.models.student_side import EfficientMLLMAdapter
+from emkd.models.teachers import HFTeacherAdapter
+
+SAMPLINGS = ("nucleus", "greedy")
+# config attributes that hold ids of vision placeholders; none of them may be sampled as a candidate
+VISION_TOKEN_ATTRS = (
+    "image_token_id",
+    "image_token_index",
+    "video_token_id",
+    "video_token_index",
+    "vision_start_token_id",
+    "vision_end_token_id",
+)
+# model types whose position ids are 3D (M-RoPE) and cannot take the ribbon's 1D position ids
+MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+# rows of logits handled at once by sample_candidates (sorting [R, V] at V = 151,936 is large)
+_SAMPLE_CHUNK = 64
+
+
+# ---- candidates -------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def sample_candidates(
+    logits: torch.Tensor,
+    num_candidates: int,
+    sampling: str = "nucleus",
+    top_p: float = 0.9,
+    generator: torch.Generator | None = None,
+    exclude_ids: list[int] | tuple[int, ...] | None = None,
+) -> torch.Tensor:
+    """Draw TPA's candidates ``c^(1..d)`` from each row's distribution ``softmax(logits)``, without gradient.
+
+    Args:
+        logits: ``[R, V]`` student logits, one row per supervised response token (the row that predicts it).
+        num_candidates: ``d >= 1``.
+        sampling: ``"nucleus"``: ``d`` tokens drawn i.i.d. (with replacement, so a token may repeat) from the
+            top-``p`` nucleus, the smallest set of most probable tokens whose mass reaches ``top_p``, renormalised;
+            ``"greedy"``: the ``d`` most probable tokens (``topk``), in decreasing order.
+        top_p: nucleus mass in ``(0, 1]``.
+        generator: a ``torch.Generator`` (on ``logits``' device) for reproducible draws.
+        exclude_ids: token ids that are never drawn (vision placeholders); their logits are set to ``-inf``.
+
+    Returns:
+        ``[R, d]`` long token ids.
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"sample_candidates: logits must be [R, V], got shape {tuple(logits.shape)}")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+    if num_candidates < 1:
+        raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    R, V = logits.shape
+    excluded = sorted({int(i) for i in (exclude_ids or ()) if 0 <= int(i) < V})
+    if sampling == "greedy" and num_candidates > V - len(excluded):
+        raise ValueError(
+            f"greedy sampling of {num_candidates} candidates needs as many allowed tokens; the vocabulary has {V} "
+            f"of which {len(excluded)} are excluded"
+        )
+    out = torch.empty(R, num_candidates, dtype=torch.long, device=logits.device)
+    for start in range(0, R, _SAMPLE_CHUNK):
+        z = logits[start : start + _SAMPLE_CHUNK].detach().float()  # (r, V)
+        if excluded:
+            z = z.clone()
+            z[:, excluded] = float("-inf")
+        if sampling == "greedy":
+            out[start : start + z.shape[0]] = z.topk(num_candidates, dim=-1).indices
+            continue
+        probs, order = z.softmax(-1).sort(dim=-1, descending=True)  # (r, V), (r, V)
+        before = probs.cumsum(-1) - probs  # mass of the strictly more probable tokens
+        probs = probs.masked_fill(before >= top_p, 0.0)  # outside the nucleus (the top token always stays)
+        picks = torch.multinomial(probs, num_candidates, replacement=True, generator=generator)  # (r, d)
+        out[start : start + z.shape[0]] = order.gather(1, picks)
+    return out
+
+
+# ---- the augmented batch ----------------------------------------------------------------------------------------
+def response_layout(side_batch: dict[str, torch.Tensor]) -> list[tuple[int, int, torch.Tensor]]:
+    """Per sample ``(P, n, supervised)``: prefix length ``P`` (position of the first supervised token, ``j >= 1``
+    with ``labels[j] != -100``), real length ``n``, and ``supervised`` ``[n - P]`` bool (``y_k`` is supervised).
+
+    A sample without supervised tokens gets ``P = n`` (no response). Raises ``ValueError`` for a sample that is not
+    right-padded (its real tokens must be the first ``n``).
+    """
+    attention, labels = side_batch["attention_mask"], side_batch["labels"]
+    if attention.dim() != 2 or labels.shape != attention.shape:
+        raise ValueError(
+            f"a batch side needs [B, L] attention_mask and labels, got {tuple(attention.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    layout = []
+    for b in range(attention.shape[0]):
+        n = int(attention[b].sum())
+        if not bool(attention[b, :n].all()):
+            first_pad = int((~attention[b].bool()).nonzero()[0])
+            raise ValueError(
+                f"sample {b}: TPA needs right-padded samples (real tokens first); attention_mask has {n} real tokens "
+                f"but position {first_pad} is padding"
+            )
+        sup = (labels[b, 1:n] != IGNORE_INDEX).nonzero().flatten() + 1  # supervised positions j >= 1
+        P = int(sup[0]) if sup.numel() else n
+        supervised = labels[b, P:n] != IGNORE_INDEX  # (n - P,)
+        layout.append((P, n, supervised))
+    return layout
+
+
+def build_tpa_batch(
+    side_batch: dict[str, torch.Tensor],
+    candidates: list[torch.Tensor],
+    num_candidates: int,
+    pad_token_id: int = 0,
+    mask_dtype: torch.dtype = torch.float32,
+) -> dict[str, Any]:
+    """Lay one side of a batch out for parallel TPA (Align-TI Fig. 9; SPEC §6).
+
+    Per sample, with prefix ``x = input_ids[:P]`` and response ``y_1 .. y_L = input_ids[P:n]`` (see
+    :func:`response_layout`), the augmented sequence is ``[x, c_1^(1..d), y_1, ..., c_L^(1..d), y_L]`` of length
+    ``T_b = P + L (d + 1)``, with :func:`~emkd.losses.align_ti.ribbon_attention_mask`'s mask and position ids.
+    Samples are right-padded to ``T = max T_b``.
+
+    Args:
+        side_batch: one side of a collated batch (``input_ids``, ``attention_mask``, ``labels`` ``[B, L]``, image
+            inputs), right-padded.
+        candidates: one ``[R_b, d]`` long tensor per sample, the candidates of its ``R_b`` supervised response
+            tokens in order (sample ``b``'s rows of :func:`sample_candidates`). Unsupervised ``y_k`` get
+            ``pad_token_id`` in their candidate slots (computed, never scored).
+        num_candidates: ``d``.
+        pad_token_id: fills padding and the unscored candidate slots; must not be an image token id.
+        mask_dtype: dtype of the additive mask.
+
+    Returns:
+        A dict with
+
+        * ``input_ids`` ``[B, T]`` long;
+        * ``attention_mask`` ``[B, 1, T, T]`` additive float mask (0 allowed, ``finfo(mask_dtype).min`` masked);
+          a padding query sees itself only, so that no row is fully masked;
+        * ``position_ids`` ``[B, T]`` long (ribbon position ids; 0 on padding);
+        * ``labels`` ``[B, T]`` long: the original label of every ground-truth token at its augmented index
+          (``labels[index_map[b, i]] = labels_orig[b, i]``), ``-100`` at candidates and padding;
+        * ``real_mask`` ``[B, T]`` bool, the non-padding tokens;
+        * ``index_map`` ``[B, L]`` long, the augmented index of every original position (0 on original padding);
+        * ``candidate_batch`` ``[R]`` and ``candidate_index`` ``[R, d]`` long: sample and augmented index of
+          ``c_k^(u)`` for every supervised ``y_k``, sample-major (``R = sum R_b``, the batch's response positions);
+        * ``candidates`` ``[R, d]`` long, the candidate ids; ``prefix_len``, ``response_len`` ``[B]`` long;
+        * ``num_candidates`` ``d``, and the side's image inputs, unchanged.
+    """
+    d = int(num_candidates)
+    if d < 1:
+        raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+    input_ids, labels = side_batch["input_ids"], side_batch["labels"]
+    B, L_orig = input_ids.shape
+    layout = response_layout(side_batch)
+    if len(candidates) != B:
+        raise ValueError(f"build_tpa_batch needs one candidate tensor per sample: B={B}, got {len(candidates)}")
+    lengths = [P + int(sup.numel()) * (d + 1) for P, _, sup in layout]
+    T = max(lengths)
+    device = input_ids.device
+    ids = torch.full((B, T), int(pad_token_id), dtype=torch.long, device=device)
+    aug_labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long, device=device)
+    positions = torch.zeros(B, T, dtype=torch.long, device=device)
+    allowed = torch.zeros(B, T, T, dtype=torch.bool, device=device)
+    index_map = torch.zeros(B, L_orig, dtype=torch.long, device=device)
+    cand_batch, cand_index, cand_ids = [], [], []
+    for b, ((P, n, supervised), T_b) in enumerate(zip(layout, lengths)):
+        L = int(supervised.numel())
+        R_b = int(supervised.sum())
+        c = candidates[b].to(device=device, dtype=torch.long)
+        if tuple(c.shape) != (R_b, d):
+            raise ValueError(
+                f"sample {b}: expected candidates [R_b={R_b} supervised response tokens, d={d}], got {tuple(c.shape)}"
+            )
+        slots = torch.full((L, d), int(pad_token_id), dtype=torch.long, device=device)  # (L, d)
+        slots[supervised] = c
+        y = input_ids[b, P:n]  # (L,)
+        ids[b, :P] = input_ids[b, :P]
+        ids[b, P:T_b] = torch.cat([slots, y[:, None]], dim=1).reshape(-1)  # [c_k^(1..d), y_k] for k = 1..L
+        mask_b, pos_b = ribbon_attention_mask(P, L, d)
+        allowed[b, :T_b, :T_b] = mask_b.to(device)
+        positions[b, :T_b] = pos_b.to(device)
+        orig = torch.arange(n, device=device)
+        index_map[b, :n] = torch.where(orig < P, orig, P + (orig - P) * (d + 1) + d)
+        aug_labels[b, index_map[b, :n]] = labels[b, :n]
+        k = supervised.nonzero().flatten()  # (R_b,) 0-based k of the supervised y_k
+        cand_index.append(P + k[:, None] * (d + 1) + torch.arange(d, device=device))  # (R_b, d)
+        cand_batch.append(torch.full((R_b,), b, dtype=torch.long, device=device))
+        cand_ids.append(c)
+    pad_rows = torch.arange(T, device=device)[None, :] >= torch.tensor(lengths, device=device)[:, None]  # (B, T)
+    diagonal = torch.eye(T, dtype=torch.bool, device=device)[None] & pad_rows[:, :, None]  # (B, T, T)
+    allowed |= diagonal  # a padding query sees itself, so softmax never meets a fully masked row
+    mask = torch.zeros(B, 1, T, T, dtype=mask_dtype, device=device)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(mask_dtype).min)
+    out: dict[str, Any] = {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "position_ids": positions,
+        "labels": aug_labels,
+        "real_mask": ~pad_rows,
+        "index_map": index_map,
+        "candidate_batch": torch.cat(cand_batch),
+        "candidate_index": torch.cat(cand_index),
+        "candidates": torch.cat(cand_ids),
+        "prefix_len": torch.tensor([P for P, _, _ in layout], dtype=torch.long),
+        "response_len": torch.tensor([int(s.numel()) for _, _, s in layout], dtype=torch.long),
+        "num_candidates": d,
+    }
+    reserved = set(out) & (set(side_batch) - {"input_ids", "attention_mask", "labels"})
+    if reserved:
+        raise ValueError(f"the batch side uses keys reserved by build_tpa_batch: {sorted(reserved)}")
+    for key, value in side_batch.items():
+        if key not in ("input_ids", "attention_mask", "labels", "instruction_mask"):
+            out[key] = value  # image inputs, unchanged
+    return out
+
+
+# ---- running models on the augmented batch ----------------------------------------------------------------------
+def check_tpa_support(adapter: DistillAdapter) -> None:
+    """Raise ``NotImplementedError`` for a model that cannot run the augmented batch (custom mask + position ids).
+
+    Supported: :class:`~emkd.models.student_side.EfficientMLLMAdapter` (the student class, as student or teacher)
+    and :class:`~emkd.models.teachers.HFTeacherAdapter` around LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision.
+    """
+    model = adapter.model
+    model_type = getattr(model.config, "model_type", None)
+    architecture = type(model).__name__
+    if model_type in MROPE_MODEL_TYPES or getattr(adapter, "mm_token_type_ids", False):
+        raise NotImplementedError(
+            f"Align-TI's TPA is not supported for {architecture} (model_type {model_type!r}): its 3D M-RoPE position "
+            "ids are computed from the token layout and cannot take the ribbon position ids. Use a LLaVA-family "
+            "teacher, or train this teacher's student without TPA."
+        )
+    if not isinstance(adapter, (EfficientMLLMAdapter, HFTeacherAdapter)):
+        raise NotImplementedError(
+            f"Align-TI's TPA cannot run {type(adapter).__name__} ({architecture}): only EfficientMLLMAdapter and "
+            "HFTeacherAdapter models are known to take a 4D additive mask and custom position ids"
+        )
+
+
+def _additive_mask(mask: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The float32 additive mask of :func:`build_tpa_batch` in the model's dtype (0 / ``finfo(dtype).min``)."""
+    mask = mask.to(device)
+    if mask.dtype == dtype:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(mask < 0, torch.finfo(dtype).min)
+
+
+def augmented_hidden(
+    adapter: DistillAdapter, aug: dict[str, Any], model: torch.nn.Module | None = None
+) -> torch.Tensor:
+    """Final-norm hidden states ``[B, T, D]`` of ``adapter``'s model on an augmented batch of :func:`build_tpa_batch`.
+
+    The 4D additive mask goes to the model as ``attention_mask`` (Hugging Face's mask preparation returns a 4D mask
+    as it is; "sdpa" and "eager" both add it to the scores) and the ribbon ids as ``position_ids``. Gradients flow
+    as the caller's autograd mode says; ``model`` replaces the adapter's model for the forward (a DDP wrapper).
+    """
+    check_tpa_support(adapter)
+    if isinstance(adapter, EfficientMLLMAdapter):
+        runner = adapter.model if model is None else model
+        dtype = adapter.model.get_input_embeddings().weight.dtype
+        device = aug["input_ids"].device
+        images = {k: aug[k] for k in STUDENT_IMAGE_KEYS if k in aug}
+        out = runner(
+            input_ids=aug["input_ids"],
+            attention_mask=_additive_mask(aug["attention_mask"], dtype, device),
+            position_ids=aug["position_ids"],
+            use_cache=False,
+            return_logits=False,
+            **images,
+        )
+        return out.hidden  # (B, T, D)
+    inputs = adapter.model_inputs({k: v for k, v in aug.items() if isinstance(v, torch.Tensor)})
+    device = inputs["input_ids"].device
+    inputs["attention_mask"] = _additive_mask(aug["attention_mask"], adapter.model.dtype, device)
+    inputs["position_ids"] = aug["position_ids"].to(device)
+    runner = adapter.model if model is None else model
+    out = runner(**inputs, output_hidden_states=[-1], use_cache=False, return_dict=True, logits_to_keep=1)
+    return out.hidden_states[-1]  # (B, T, D), the final-norm output
+
+
+def _gather_positions(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``hidden[b, index[b, i]]``: ``[B, T, D]`` and ``[B, L]`` -> ``[B, L, D]``."""
+    return hidden.gather(1, index.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+def _vision_ids(adapter: DistillAdapter) -> set[int]:
+    ids = {int(adapter.side.image_token_id)}
+    configs = [adapter.model.config, getattr(adapter.model.config, "text_config", None)]
+    for config in configs:
+        for name in VISION_TOKEN_ATTRS:
+            value = getattr(config, name, None)
+            if isinstance(value, int):
+                ids.add(value)
+    return ids
+
+
+def _pad_id(adapter: DistillAdapter) -> int:
+    tokenizer = adapter.side.tokenizer
+    for value in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if value is not None:
+            return int(value)
+    raise ValueError("the student tokenizer has neither pad_token_id nor eos_token_id; TPA needs a filler token id")
+
+
+def _view(hidden: torch.Tensor, side_batch: dict[str, torch.Tensor], aug: dict[str, Any], adapter: DistillAdapter):
+    """The original layout of an augmented pass: DistillInputs over the ORIGINAL positions (SPEC §1)."""
+    head = adapter.model.get_output_embeddings()
+    device = hidden.device
+    input_ids = side_batch["input_ids"].to(device)
+    attention = side_batch["attention_mask"].to(device)
+    instruction = side_batch.get("instruction_mask")
+    return DistillInputs(
+        hidden=_gather_positions(hidden, aug["index_map"]),  # (B, L, D)
+        head_weight=head.weight,
+        head_bias=getattr(head, "bias", None),
+        vision_mask=(input_ids == adapter.side.image_token_id) & attention.bool(),
+        attention_mask=attention,
+        labels=side_batch["labels"].to(device),
+        instruction_mask=None if instruction is None else instruction.to(device),
+    )
+
+
+def tpa_losses(
+    student_adapter: DistillAdapter,
+    teacher_adapter: DistillAdapter,
+    batch: dict[str, dict[str, torch.Tensor]],
+    num_candidates: int = 4,
+    sampling: str = "nucleus",
+    top_p: float = 0.9,
+    generator: torch.Generator | None = None,
+    student_model: torch.nn.Module | None = None,
+    temperature: float = 1.0,
+    vocab: str = "strict",
+) -> dict[str, Any]:
+    """KD and TPA of Align-TI (Eq. 5-7, Algorithm 1) with one sampling pass and one augmented pass per model.
+
+    Args:
+        student_adapter, teacher_adapter: the two models (student first).
+        batch: ``{"student": side, "teacher": side}`` of :class:`emkd.data.PairCollator`.
+        num_candidates, sampling, top_p, generator: see :func:`sample_candidates`.
+        student_model: the (wrapped) student module the gradient pass runs through; default the adapter's.
+        temperature: of the KL's softmax (SPEC §1); the candidates are always drawn at temperature 1.
+        vocab: ``"strict"`` or ``"crop"`` (SPEC §1).
+
+    Returns:
+        ``kd``: mean ``KL(p_t || p_s)`` over response positions (teacher-forced, from the augmented passes);
+        ``tpa``: mean ``KL(p_t || p_s)`` over supervised ``k`` and ``u`` at ``c_k^(u)``; ``ce``: the student's
+        mean cross-entropy over response positions (augmented pass; equals a normal pass's);
+        ``student``, ``teacher``: :class:`~emkd.DistillInputs` of the augmented passes in the ORIGINAL layout
+        (the student's carries the gradient); ``candidates`` ``[R, d]``; ``sampling_logits`` ``[R, V]``, the
+        sampling pass's student logits at the response positions; ``student_batch``, ``teacher_batch``: the
+        augmented batches.
+    """
+    if vocab not in VOCAB_POLICIES:
+        raise ValueError(f"vocab must be one of {VOCAB_POLICIES}, got {vocab!r}")
+    check_tpa_support(student_adapter)
+    check_tpa_support(teacher_adapter)
+    s_side, t_side = batch["student"], batch["teacher"]
+
+    # 1. sampling pass (no gradient): the student's distribution for every supervised y_k
+    with torch.no_grad():
+        sampled = student_adapter(s_side).inputs
+        v_s = sampled.vocab_size
+        v_t = teacher_adapter.model.get_output_embeddings().weight.shape[0]
+        if v_s != v_t and vocab == "strict":
+            raise ValueError(
+                f"vocabulary sizes differ: student head V={v_s}, teacher head V={v_t}; pass vocab='crop' to cut both "
+                "heads to the smaller size"
+            )
+        sampling_logits = sampled.logits(sampled.response_hidden())  # (R, V_s)
+        exclude = _vision_ids(student_adapter) | _vision_ids(teacher_adapter)
+        candidates = sample_candidates(
+            sampling_logits[:, : min(v_s, v_t)], num_candidates, sampling, top_p, generator, sorted(exclude)
+        )  # (R, d)
+    per_sample = candidates.split(sampled.response_mask.sum(1).tolist())  # B x (R_b, d)
+
+    # 2. augmented passes: student with gradient, teacher without
+    pad_id = _pad_id(student_adapter)
+    s_aug = build_tpa_batch(s_side, list(per_sample), num_candidates, pad_token_id=pad_id)
+    t_aug = build_tpa_batch(t_side, list(per_sample), num_candidates, pad_token_id=pad_id)
+    h_s = augmented_hidden(student_adapter, s_aug, model=student_model)  # (B, Ts, Ds)
+    with torch.no_grad():
+        h_t = augmented_hidden(teacher_adapter, t_aug)  # (B, Tt, Dt)
+
+    # 3. ground-truth tokens: the original layout, validated like every loss input
+    student, teacher = check_pair(
+        _view(h_s, s_side, s_aug, student_adapter), _view(h_t, t_side, t_aug, teacher_adapter), vocab
+    )
+    z_s = student.logits(student.response_hidden())  # (R, V)
+    with torch.no_grad():
+        z_t = teacher.logits(teacher.response_hidden())  # (R, V)
+    targets = student.response_targets  # (R,)
+    ce = cross_entropy(z_s, targets, h_s)
+    kd = mean_or_zero(forward_kl(z_s, z_t, temperature), h_s)
+
+    # 4. candidates: P(. | x, y_<k, c_k^(u)) of both models, same (k, u) order on both sides
+    c_s = h_s[s_aug["candidate_batch"].to(h_s.device)[:, None], s_aug["candidate_index"].to(h_s.device)]  # (R, d, Ds)
+    with torch.no_grad():
+        c_t = h_t[t_aug["candidate_batch"].to(h_t.device)[:, None], t_aug["candidate_index"].to(h_t.device)]
+        zc_t = teacher.logits(c_t.reshape(-1, c_t.shape[-1]))  # (R d, V)
+    zc_s = student.logits(c_s.reshape(-1, c_s.shape[-1]))  # (R d, V)
+    tpa = mean_or_zero(forward_kl(zc_s, zc_t.to(zc_s.device), temperature), h_s)
+    return {
+        "kd": kd,
+        "tpa": tpa,
+        "ce": ce,
+        "student": student,
+        "teacher": teacher,
+        "candidates": candidates,
+        "sampling_logits": sampling_logits,
+        "student_batch": s_aug,
+        "teacher_batch": t_aug,
+    }
+
+
+def align_ti_step(
+    student_adapter: DistillAdapter,
+    teacher_adapter: DistillAdapter,
+    batch: dict[str, dict[str, torch.Tensor]],
+    iva_layer: int,
+    num_candidates: int = 4,
+    sampling: str = "nucleus",
+    top_p: float = 0.9,
+    generator: torch.Generator | None = None,
+    student_model: torch.nn.Module | None = None,
+    iva_matching: str = "auto",
+    temperature: float = 1.0,
+    vocab: str = "strict",
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """One Align-TI loss (Eq. 8): ``loss = CE + IVA + KD + TPA``, gradients to the student only.
+
+    Args:
+        student_adapter, teacher_adapter: the two models (student first).
+        batch: ``{"student": side, "teacher": side}``; both sides need ``instruction_mask`` (IVA's queries).
+        iva_layer: teacher decoder layer ``l*`` of IVA's weights (``best_layer`` of :func:`emkd.training.irs.
+            compute_irs`; negative counts from the end).
+        num_candidates, sampling, top_p, generator, student_model, temperature, vocab: see :func:`tpa_losses`.
+        iva_matching: pairing of unbalanced vision tokens for IVA (:func:`~emkd.losses.align_ti.iva_loss`).
+
+    IVA's weights ``a_{l*}(x)`` and teacher vision logits come from the teacher's normal pass (eager attention for
+    that call); the student's vision logits, CE, KD and TPA from the augmented passes (see the module docstring). A
+    sample without instruction tokens (e.g. the ``plain`` template) gets zero IVA weights: it adds 0 to the IVA mean.
+
+    Returns:
+        ``(loss, components)`` with scalar tensors ``ce``, ``iva``, ``kd``, ``tpa`` (attached to the graph),
+        ``matches`` (IVA's vision pairs per sample) and ``candidates`` ``[R, d]``.
+    """
+    t_side = batch["teacher"]
+    if t_side.get("instruction_mask") is None:
+        raise ValueError("align_ti_step needs batch['teacher']['instruction_mask'] (IVA's instruction tokens)")
+    with torch.no_grad():
+        t_out = teacher_adapter(t_side, attention_layer=iva_layer)
+    teacher = t_out.inputs.detached()
+    weights = instruction_vision_attention(t_out.attention, teacher.vision_mask, teacher.instruction_mask)
+    n_t = teacher.vision_mask.sum(1)
+    weights = [w if w.numel() else torch.zeros(int(n_t[b]), device=w.device) for b, w in enumerate(weights)]
+
+    parts = tpa_losses(
+        student_adapter, teacher_adapter, batch, num_candidates, sampling, top_p, generator, student_model,
+        temperature, vocab,
+    )
+    iva, matches = iva_loss(parts["student"], teacher, weights, iva_matching, temperature, vocab)
+    loss = parts["ce"] + iva + parts["kd"] + parts["tpa"]
+    components = {
+        "ce": parts["ce"],
+        "iva": iva,
+        "kd": parts["kd"],
+        "tpa": parts["tpa"],
+        "matches": matches,
+        "candidates": parts["candidates"],
+    }
+    return loss, components
+
+
+__all__ = [
+    "MROPE_MODEL_TYPES",
+    "SAMPLINGS",
+    "align_ti_step",
+    "augmented_hidden",
+    "build_tpa_batch",
+    "check_tpa_support",
+    "response_layout",
+    "sample_candidates",
+    "tpa_losses",
+]

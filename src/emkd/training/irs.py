@@ -1,0 +1,262 @@
+"""Instruction-Relevance Score of every teacher layer (Align-TI Eq. 3, App. B.5; SPEC §6), and ``emkd irs``.
+
+For every calibration sample ``x`` and decoder layer ``l``, ``a_l(x)`` is the teacher's attention from the
+instruction tokens to the vision tokens, averaged over heads and instruction tokens
+(:func:`emkd.losses.align_ti.instruction_vision_attention`). All layers are recorded in ONE forward per batch: a
+forward hook on every layer's attention module reduces that layer's ``[B, H, L, L]`` weights to ``a_l(x)`` at once,
+so no ``[L, L]`` map outlives its layer. Attention weights exist only in the "eager" implementation, so the decoder
+is switched to it for the recording and switched back afterwards.
+
+Pairs. ``IRS(l) = 1 - mean cos(a_l(x1), a_l(x2))`` needs vectors of equal length, so only samples with the same
+number of vision tokens ``Nv`` are paired (with AnyRes teachers ``Nv`` depends on the image's aspect ratio). Among
+all such pairs of distinct samples, ``num_pairs`` are drawn uniformly with ``seed`` (all of them when there are no
+more): each ``Nv`` group gets the share of the draw that falls in it, its pairs are scored by
+:func:`~emkd.losses.align_ti.instruction_relevance_score`, and the groups' scores are averaged weighted by their
+number of pairs. The result is the mean over a uniform sample of equal-``Nv`` pairs. Samples without instruction
+tokens (the ``plain`` template), without vision tokens, or whose instruction tokens all precede the image (causal
+attention then gives ``a_l(x) = 0``, a vector without direction) are skipped.
+
+Layers are numbered ``0 .. num_layers - 1`` (decoder layers, input side first); ``best_layer`` is the argmax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from emkd.losses.align_ti import instruction_relevance_score, instruction_vision_attention
+from emkd.models.base import DistillAdapter
+
+IRS_JSON = "irs.json"
+IRS_PNG = "irs.png"
+
+
+@contextmanager
+def recorded_instruction_attention(
+    model: torch.nn.Module, vision_mask: torch.Tensor, instruction_mask: torch.Tensor
+) -> Iterator[dict[int, list[torch.Tensor]]]:
+    """Record ``a_l(x)`` of every decoder layer during the forward run inside the block.
+
+    Args:
+        model: a model with ``get_decoder()`` whose decoder has ``layers[i].self_attn`` (the student class and every
+            Hugging Face teacher).
+        vision_mask, instruction_mask: ``[B, L]`` bool of the batch the block will run.
+
+    Yields:
+        ``record[l]``: one ``[Nv_b]`` float32 tensor per sample (empty without instruction tokens), filled by the
+        forward.
+    """
+    decoder = model.get_decoder()
+    layers = decoder.layers
+    record: dict[int, list[torch.Tensor]] = {}
+
+    def hook_for(index: int):
+        def keep(_module: torch.nn.Module, _args: Any, output: Any) -> None:
+            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if weights is None:
+                raise RuntimeError(f"decoder layer {index}'s attention returned no weights under eager attention")
+            vm, im = vision_mask.to(weights.device), instruction_mask.to(weights.device)
+            record[index] = [a.cpu() for a in instruction_vision_attention(weights.detach(), vm, im)]
+
+        return keep
+
+    previous = decoder.config._attn_implementation
+    if previous != "eager":
+        decoder.set_attn_implementation("eager")
+    handles = [layer.self_attn.register_forward_hook(hook_for(i)) for i, layer in enumerate(layers)]
+    try:
+        yield record
+    finally:
+        for handle in handles:
+            handle.remove()
+        if previous != "eager":
+            decoder.set_attn_implementation(previous)
+
+
+def _allocate_pairs(group_pairs: list[int], num_pairs: int, seed: int) -> list[int]:
+    """How many of ``num_pairs`` uniform draws (without replacement) over all groups' pairs fall in each group."""
+    total = sum(group_pairs)
+    if total <= num_pairs:
+        return list(group_pairs)
+    bounds = torch.tensor(group_pairs).cumsum(0)  # group g holds the pair indices [bounds[g-1], bounds[g])
+    drawn = torch.tensor(random.Random(seed).sample(range(total), num_pairs))
+    group = torch.searchsorted(bounds, drawn, right=True)
+    return torch.bincount(group, minlength=len(group_pairs)).tolist()
+
+
+def _instruction_follows_vision(vision: torch.Tensor, instruction: torch.Tensor) -> bool:
+    """Whether some instruction token comes after some vision token (``[L]`` bool masks); otherwise causal
+    attention gives ``a_l(x) = 0`` at every layer and the sample has no direction to compare."""
+    v, i = vision.nonzero(), instruction.nonzero()
+    return bool(v.numel() and i.numel() and int(i.max()) > int(v.min()))
+
+
+def compute_irs(
+    teacher: DistillAdapter,
+    batches: Iterable[dict[str, torch.Tensor]],
+    num_pairs: int = 256,
+    seed: int = 0,
+    max_samples: int | None = None,
+) -> dict[str, Any]:
+    """IRS of every decoder layer of ``teacher`` over calibration batches (Align-TI Eq. 3).
+
+    Args:
+        teacher: the teacher's adapter (its ``side.image_token_id`` marks the vision tokens).
+        batches: teacher sides of collated batches (``input_ids``, ``attention_mask``, ``labels``,
+            ``instruction_mask``, image inputs), e.g. ``(b["teacher"] for b in loader)``.
+        num_pairs: pairs of distinct samples with equal ``Nv`` to average over (module docstring).
+        seed: seeds the draw of pairs.
+        max_samples: stop after this many samples (``None``: all).
+
+    Returns:
+        ``{"scores": [IRS(0), ..., IRS(num_layers - 1)], "best_layer": argmax, "num_samples": samples used (with
+        instruction tokens after vision tokens), "num_pairs": pairs averaged over, "groups": {Nv: samples}}``.
+
+    Raises:
+        ValueError: fewer than two usable samples share an ``Nv``.
+    """
+    if num_pairs < 1:
+        raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
+    num_layers = teacher.num_layers
+    by_nv: dict[int, list[torch.Tensor]] = {}  # Nv -> per sample [num_layers, Nv]
+    seen = skipped = 0
+    for side in batches:
+        if max_samples is not None and seen >= max_samples:
+            break
+        if side.get("instruction_mask") is None:
+            raise ValueError("compute_irs needs instruction_mask in every batch (the instruction tokens)")
+        attention = side["attention_mask"].bool()
+        vision = (side["input_ids"] == teacher.side.image_token_id) & attention
+        instruction = side["instruction_mask"].bool() & attention
+        with torch.no_grad(), recorded_instruction_attention(teacher.model, vision, instruction) as record:
+            teacher(side)
+        if sorted(record) != list(range(num_layers)):
+            raise RuntimeError(f"recorded attention of layers {sorted(record)}, expected 0..{num_layers - 1}")
+        for b in range(side["input_ids"].shape[0]):
+            if max_samples is not None and seen >= max_samples:
+                break
+            seen += 1
+            vectors = [record[l][b] for l in range(num_layers)]
+            if vectors[0].numel() == 0 or not _instruction_follows_vision(vision[b], instruction[b]):
+                skipped += 1
+                continue
+            by_nv.setdefault(vectors[0].numel(), []).append(torch.stack(vectors))  # (num_layers, Nv)
+
+    groups = {nv: len(v) for nv, v in sorted(by_nv.items())}
+    usable = [nv for nv, n in groups.items() if n >= 2]
+    if not usable:
+        raise ValueError(
+            f"IRS needs two samples with the same number of vision tokens; got {seen} samples ({skipped} skipped: no "
+            f"instruction token after a vision token), vision-token counts of the rest {groups}"
+        )
+    available = [groups[nv] * (groups[nv] - 1) // 2 for nv in usable]
+    shares = _allocate_pairs(available, num_pairs, seed)
+    total = torch.zeros(num_layers)
+    used = 0
+    for nv, k in zip(usable, shares):
+        if k == 0:
+            continue
+        vectors = torch.stack(by_nv[nv], dim=1)  # (num_layers, N, Nv)
+        total += k * instruction_relevance_score(vectors, num_pairs=k, seed=seed)
+        used += k
+    scores = total / used  # (num_layers,)
+    return {
+        "scores": [float(s) for s in scores],
+        "best_layer": int(scores.argmax()),
+        "num_samples": sum(groups.values()),
+        "num_pairs": used,
+        "groups": {str(nv): n for nv, n in groups.items()},
+    }
+
+
+def write_irs(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``irs.json`` (the result of :func:`compute_irs`) and ``irs.png`` (IRS per layer, argmax marked).
+
+    The plot uses matplotlib's object-oriented Agg canvas, so the global backend is left alone.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path, png_path = out_dir / IRS_JSON, out_dir / IRS_PNG
+    json_path.write_text(json.dumps(result, indent=2) + "\n")
+
+    scores, best = result["scores"], result["best_layer"]
+    fig = Figure(figsize=(6, 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(range(len(scores)), scores, marker="o", color="tab:blue")
+    ax.plot([best], [scores[best]], marker="*", markersize=16, color="tab:red", linestyle="none",
+            label=f"best layer {best} (IRS {scores[best]:.4f})")
+    ax.set_xlabel("teacher decoder layer")
+    ax.set_ylabel("IRS = 1 - mean cos")
+    ax.set_title(f"Instruction-Relevance Score ({result['num_pairs']} pairs, {result['num_samples']} samples)")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best")
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    return json_path, png_path
+
+
+# ---- command line -----------------------------------------------------------------------------------------------
+def add_irs_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``emkd irs``."""
+    parser.add_argument("--teacher", required=True, help="teacher checkpoint directory")
+    parser.add_argument(
+        "--student",
+        default=None,
+        help="student checkpoint directory; when given, samples are rendered as a training pair (and checked the "
+        "same way); otherwise they are rendered for the teacher alone",
+    )
+    parser.add_argument("--data", required=True, help="calibration records (LLaVA JSON/JSONL or HF messages)")
+    parser.add_argument("--images", default=None, help="directory image paths resolve against (default: the data "
+                        "file's directory)")
+    parser.add_argument("--out", default="runs/irs", help="where irs.json and irs.png are written")
+    parser.add_argument("--max-samples", type=int, default=None, help="use at most this many samples")
+    parser.add_argument("--num-pairs", type=int, default=256, help="pairs of samples averaged over (Align-TI: 256)")
+    parser.add_argument("--template", choices=("chat", "plain"), default="chat",
+                        help="rendering template ('plain' has no instruction tokens, so IRS needs 'chat')")
+    parser.add_argument("--max-length", type=int, default=2048, help="longest rendered sample")
+    parser.add_argument("--batch-size", type=int, default=4, help="samples per teacher forward")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the draw of pairs")
+    parser.add_argument("--teacher-dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                        help="dtype the teacher runs in")
+
+
+def run_irs(args: argparse.Namespace) -> int:
+    """``emkd irs``: score every teacher layer on calibration data, write ``irs.json`` and ``irs.png``."""
+    from emkd.data import PairCollator, PairDataset
+    from emkd.models.student_side import load_student
+    from emkd.models.teachers import load_teacher
+
+    teacher = load_teacher(args.teacher, dtype=getattr(torch, args.teacher_dtype))
+    student_side = teacher.side if args.student is None else load_student(args.student)[1]
+    data = PairDataset(args.data, args.images, student_side, teacher.side, template=args.template,
+                       max_length=args.max_length)
+    count = len(data) if args.max_samples is None else min(len(data), args.max_samples)
+    collate = PairCollator(student_side, teacher.side)
+
+    def batches() -> Iterator[dict[str, torch.Tensor]]:
+        for start in range(0, count, args.batch_size):
+            items = [data[i] for i in range(start, min(start + args.batch_size, count))]
+            yield collate(items)["teacher"]
+
+    result = compute_irs(teacher, batches(), num_pairs=args.num_pairs, seed=args.seed, max_samples=count)
+    json_path, png_path = write_irs(result, args.out)
+    print(
+        f"IRS over {result['num_pairs']} pairs of {result['num_samples']} samples: best layer {result['best_layer']} "
+        f"of {len(result['scores'])} (IRS {result['scores'][result['best_layer']]:.4f}); wrote {json_path} and "
+        f"{png_path}"
+    )
+    return 0
+
+
+__all__ = ["add_irs_arguments", "compute_irs", "recorded_instruction_attention", "run_irs", "write_irs"]
