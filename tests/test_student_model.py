@@ -348,3 +348,21 @@ def test_adapter_feeds_emkd_loss_against_a_vanilla_teacher(tok, student, tmp_pat
     assert all(p.grad is None for p in teacher.parameters())
     model.eval()
     model.zero_grad()
+
+
+def test_siglip_so400m_geometry_pools_729_patches_to_144():
+    """384 px images with 14 px patches: the tower rounds the grid down to 27 x 27 = 729 patches (EM-KD's setting)."""
+    from transformers import Qwen2Config, SiglipVisionConfig
+
+    from emkd.models import EfficientMLLMConfig, EfficientMLLMForCausalLM
+
+    vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                            image_size=384, patch_size=14, vision_use_head=False)
+    tc = Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                     num_attention_heads=2, num_key_value_heads=1)
+    pooled = EfficientMLLMConfig(vision_config=vc.to_dict(), text_config=tc.to_dict(), pool_size=12, image_token_id=5)
+    vanilla = EfficientMLLMConfig(vision_config=vc.to_dict(), text_config=tc.to_dict(), compressor="none",
+                                  image_token_id=5)
+    assert (pooled.patch_grid, pooled.num_image_tokens(), vanilla.num_image_tokens()) == (27, 144, 729)
+    features = EfficientMLLMForCausalLM(pooled).get_image_features(torch.randn(1, 3, 384, 384))
+    assert [tuple(f.shape) for f in features] == [(144, 32)]

@@ -25,6 +25,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
     train.set_defaults(func=_run_train)
 
+    init = sub.add_parser("init-student", help="build an efficient student from SigLIP/CLIP + causal-LM checkpoints")
+    from emkd.models.compose import add_init_student_arguments, run_init_student
+
+    add_init_student_arguments(init)
+    init.set_defaults(func=run_init_student)
+
     irs = sub.add_parser("irs", help="Align-TI: Instruction-Relevance Score of every teacher layer (JSON + plot)")
     from emkd.training.irs import add_irs_arguments, run_irs
 

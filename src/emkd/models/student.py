@@ -140,9 +140,10 @@ class EfficientMLLMConfig(PreTrainedConfig):
                     f"EfficientMLLMConfig.vision_config ({type(vc).__name__}) must have an int `{name}`, "
                     f"got {getattr(vc, name, None)!r}"
                 )
-        if vc.image_size % vc.patch_size:
+        # The towers round the patch grid down (SigLIP-so400m: 384 px / 14 px -> 27 x 27 = 729 patches).
+        if vc.image_size < vc.patch_size:
             raise ValueError(
-                f"EfficientMLLMConfig.vision_config: image_size={vc.image_size} is not a multiple of "
+                f"EfficientMLLMConfig.vision_config: image_size={vc.image_size} is smaller than "
                 f"patch_size={vc.patch_size}"
             )
         if self.compressor not in COMPRESSORS:
