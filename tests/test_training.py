@@ -209,3 +209,12 @@ def test_align_ti_takes_its_iva_layer_from_the_irs_file(ws, tmp_path):
     assert trainer.method.loss_kwargs["iva_layer"] == 1
     with pytest.raises(ValueError, match="emkd irs"):
         build_trainer(recipe(ws, tmp_path / "b", "method=align_ti"))
+
+
+def test_recipe_values_take_their_field_types():
+    config = load_recipe(None, ["learning_rate=1e-3", "num_epochs=2", "data.max_length=64"])
+    assert config.learning_rate == 0.001 and isinstance(config.num_epochs, float) and config.data.max_length == 64
+    with pytest.raises(ValueError, match="learning_rate must be float"):
+        load_recipe(None, ["learning_rate=fast"])
+    with pytest.raises(ValueError, match="unknown recipe keys"):
+        load_recipe(None, ["learning_rat=1"])

@@ -93,6 +93,22 @@ def _parse_override(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), yaml.safe_load(raw) if raw != "" else None
 
 
+def _coerce(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
+    """Turn YAML strings into the numbers a field's type asks for (YAML reads ``1e-3`` as a string)."""
+    out = dict(values)
+    for f in dataclasses.fields(cls):
+        value = out.get(f.name)
+        kind = str(f.type).replace(" | None", "")
+        if isinstance(value, str) and kind in ("float", "int"):
+            try:
+                out[f.name] = float(value) if kind == "float" else int(value)
+            except ValueError:
+                raise ValueError(f"{source}: {f.name} must be {kind}, got {value!r}") from None
+        elif isinstance(value, int) and not isinstance(value, bool) and kind == "float":
+            out[f.name] = float(value)
+    return out
+
+
 def _known_keys(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
@@ -121,8 +137,8 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
     data_unknown = set(raw.get("data") or {}) - _known_keys(DataConfig)
     if data_unknown:
         raise ValueError(f"{source}: unknown data keys {sorted(data_unknown)}; known: {sorted(_known_keys(DataConfig))}")
-    raw["data"] = DataConfig(**(raw.get("data") or {}))
-    return TrainConfig(**raw)
+    raw["data"] = DataConfig(**_coerce(DataConfig, raw.get("data") or {}, source))
+    return TrainConfig(**_coerce(TrainConfig, raw, source))
 
 
 def to_dict(config: TrainConfig) -> dict[str, Any]:
