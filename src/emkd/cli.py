@@ -31,6 +31,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_init_student_arguments(init)
     init.set_defaults(func=run_init_student)
 
+    ev = sub.add_parser("eval", help="accuracy per category, vision tokens per image and time to first token")
+    from emkd.evaluation import add_eval_arguments, run_eval
+
+    add_eval_arguments(ev)
+    ev.set_defaults(func=run_eval)
+
     irs = sub.add_parser("irs", help="Align-TI: Instruction-Relevance Score of every teacher layer (JSON + plot)")
     from emkd.training.irs import add_irs_arguments, run_irs
 
