@@ -13,9 +13,12 @@ def build_parser() -> argparse.ArgumentParser:
         "LLaVA-KD, Align-TI and response KD.",
     )
     sub = parser.add_subparsers(dest="command", metavar="command")
-    demo = sub.add_parser("demo", help="run the end-to-end demonstration")
-    demo.add_argument("--steps", type=int, default=150, help="optimisation steps")
+    demo = sub.add_parser("demo", help="distill a tiny efficient MLLM on real data and print the comparison")
+    demo.add_argument("--quick", action="store_true", help="a smaller budget (about 2 minutes)")
+    demo.add_argument("--out", default="runs/demo", help="where data, checkpoints and the report go")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--methods", default="sft,emkd", help="comma-separated phase-2 methods to compare")
+    demo.add_argument("--retrain-teacher", action="store_true", help="train the teacher even if one is cached")
     demo.set_defaults(func=_run_demo)
 
     train = sub.add_parser("train", help="train a student from a YAML recipe")
@@ -55,9 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from emkd.demo.losses import run_loss_demo
+    from emkd.demo.pipeline import run_demo
 
-    run_loss_demo(steps=args.steps, seed=args.seed)
+    run_demo(args.out, quick=args.quick, seed=args.seed, methods=tuple(args.methods.split(",")),
+             retrain_teacher=args.retrain_teacher)
     return 0
 
 
