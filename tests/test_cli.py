@@ -1,14 +1,15 @@
+import json
 import subprocess
 import sys
 
 from emkd.cli import main
-from emkd.demo.losses import run_loss_demo
 
 
 def test_module_prints_help():
     out = subprocess.run([sys.executable, "-m", "emkd"], capture_output=True, text=True, check=True)
     assert "usage: emkd" in out.stdout
-    assert "demo" in out.stdout
+    for command in ("demo", "train", "eval", "irs", "data", "init-student"):
+        assert command in out.stdout
 
 
 def test_main_without_command_returns_zero(capsys):
@@ -16,10 +17,28 @@ def test_main_without_command_returns_zero(capsys):
     assert "usage: emkd" in capsys.readouterr().out
 
 
-def test_loss_demo_every_term_falls():
+def test_demo_quick_runs_end_to_end(tmp_path):
+    """`emkd demo --quick`: trains, evaluates teacher and both students, prints the table, writes the report."""
+    from emkd.demo.pipeline import run_demo
+
     lines = []
-    result = run_loss_demo(steps=40, seed=0, print_fn=lines.append)
-    for term in ("loss", "sup", "vsd", "vlad"):
-        assert result[f"last_{term}"] < 0.5 * result[f"first_{term}"], term
-    assert result["last_rld"] < result["first_rld"]
-    assert any(line.startswith("step   40") for line in lines)
+    results = run_demo(tmp_path / "demo", quick=True, print_fn=lines.append)
+    assert list(results) == ["teacher", "student-sft", "student-emkd"]
+    families = {"general", "counting", "ocr", "grid", "chart"}
+    for name, result in results.items():
+        assert set(result.accuracy) == families, name
+        assert all(0.0 <= a <= 1.0 for a in result.accuracy.values())
+        assert result.ttft_ms > 0
+    assert results["teacher"].vision_tokens_per_image == 64
+    assert results["student-sft"].vision_tokens_per_image == results["student-emkd"].vision_tokens_per_image == 16
+    table = next(line for line in lines if "vis tok/img" in line)
+    assert "student-emkd" in table and "teacher" in table
+    root = tmp_path / "demo"
+    report = (root / "report.md").read_text()
+    for figure in ("loss_curves.png", "matching.png", "decoded_tokens.png"):
+        assert (root / "figures" / figure).stat().st_size > 1000
+        assert f"figures/{figure}" in report
+    saved = json.loads((root / "results.json").read_text())
+    assert set(saved) == set(results)
+    emkd_log = [json.loads(line) for line in open(root / "student" / "emkd" / "log.jsonl") if "vsd" in line]
+    assert emkd_log and all(k in emkd_log[0] for k in ("sup", "rld", "vsd", "vlad"))

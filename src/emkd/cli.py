@@ -21,6 +21,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--retrain-teacher", action="store_true", help="train the teacher even if one is cached")
     demo.set_defaults(func=_run_demo)
 
+    rep = sub.add_parser("reproduce", help="the analogues of EM-KD Tables 2 and 3 over seeds -> docs/results.md")
+    rep.add_argument("--out", default="runs/reproduce")
+    rep.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
+    rep.add_argument("--steps", type=int, default=300, help="phase-2 steps per run")
+    rep.add_argument("--results", default="docs/results.md", help="markdown file the tables are written to")
+    rep.add_argument("--quick", action="store_true", help="a tiny budget, to check the pipeline")
+    rep.set_defaults(func=_run_reproduce)
+
     train = sub.add_parser("train", help="train a student from a YAML recipe")
     train.add_argument("recipe", nargs="?", help="YAML recipe (see recipes/); omit to start from defaults")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -62,6 +70,14 @@ def _run_demo(args: argparse.Namespace) -> int:
 
     run_demo(args.out, quick=args.quick, seed=args.seed, methods=tuple(args.methods.split(",")),
              retrain_teacher=args.retrain_teacher)
+    return 0
+
+
+def _run_reproduce(args: argparse.Namespace) -> int:
+    from emkd.demo.reproduce import run_reproduce
+
+    run_reproduce(args.out, seeds=tuple(int(s) for s in args.seeds.split(",")), steps=args.steps,
+                  results_md=args.results, quick=args.quick)
     return 0
 
 
