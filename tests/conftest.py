@@ -13,6 +13,7 @@ The helpers are plain functions, imported by the test modules (``from conftest i
 
 from __future__ import annotations
 
+import pytest
 import dataclasses
 import math
 from collections.abc import Sequence
@@ -157,3 +158,17 @@ def padding_positions(inputs: DistillInputs) -> list[tuple[int, int]]:
 def real_positions(inputs: DistillInputs) -> list[tuple[int, int]]:
     """``(b, i)`` of every real (non-padding) position."""
     return [tuple(int(x) for x in bi) for bi in inputs.attention_mask.bool().nonzero()]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Keep the data-scan cache of the tests out of the user's ~/.cache."""
+    import os
+
+    old = os.environ.get("EMKD_CACHE")
+    os.environ["EMKD_CACHE"] = str(tmp_path_factory.mktemp("emkd-cache"))
+    yield
+    if old is None:
+        os.environ.pop("EMKD_CACHE", None)
+    else:
+        os.environ["EMKD_CACHE"] = old

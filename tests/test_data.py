@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import argparse
 import json
 
@@ -453,3 +454,32 @@ def test_pair_dataset_skip_and_error(tmp_path, sides, images_dir):
 
 def test_source_formats():
     assert str(Source("a.jsonl", line=3)) == "a.jsonl:3" and str(Source("a.json", index=0)) == "a.json[0]"
+
+
+def test_pair_dataset_reuses_its_scan_until_the_file_changes(tmp_path, sides, images_dir, monkeypatch):
+    import emkd.data.collate as collate
+
+    monkeypatch.setenv("EMKD_CACHE", str(tmp_path / "cache"))
+    path = write_jsonl(tmp_path / "broken.jsonl", BROKEN)
+    student, _, qwen = sides
+    first = PairDataset(path, images_dir, student, qwen, max_length=MAX_LENGTH, on_bad_sample="skip")
+    calls = []
+    real_scan = collate.scan_file
+    monkeypatch.setattr(collate, "scan_file", lambda *a, **k: calls.append(1) or real_scan(*a, **k))
+    again = PairDataset(path, images_dir, student, qwen, max_length=MAX_LENGTH, on_bad_sample="skip")
+    assert calls == []  # the second run read the cache
+    assert [r.id for r in again.records] == [r.id for r in first.records]
+    assert [(b.source, b.record_id, b.problems) for b in again.skipped] == [
+        (b.source, b.record_id, b.problems) for b in first.skipped]
+    with pytest.raises(ValueError, match=f"{path}:2 \\(id 'missing'\\)"):  # cached bad records still stop "error"
+        PairDataset(path, images_dir, student, qwen, max_length=MAX_LENGTH)
+    # another max_length, or an edited file, is a new scan
+    PairDataset(path, images_dir, student, qwen, max_length=MAX_LENGTH + 1, on_bad_sample="skip")
+    assert len(calls) == 1
+    write_jsonl(path, BROKEN[:5])
+    os.utime(path, ns=(1, 1))
+    PairDataset(path, images_dir, student, qwen, max_length=MAX_LENGTH, on_bad_sample="skip")
+    assert len(calls) == 2
+    monkeypatch.setenv("EMKD_CACHE", "0")
+    PairDataset(path, images_dir, student, qwen, max_length=MAX_LENGTH, on_bad_sample="skip")
+    assert len(calls) == 3

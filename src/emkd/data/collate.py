@@ -7,13 +7,16 @@ record for both sides to check ``max_length``) and renders each sample lazily wh
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from emkd.data.check import scan_file
-from emkd.data.records import BadRecord, Record, load_images
+from emkd.data.check import CheckReport, scan_file
+from emkd.data.records import BadRecord, Problem, Record, Source, load_images, read_records
 from emkd.data.render import TEMPLATES, render_pair
 from emkd.inputs import IGNORE_INDEX
 from emkd.models.base import VisionSide
@@ -61,7 +64,7 @@ class PairDataset(torch.utils.data.Dataset):
         self.teacher_side = teacher_side
         self.template = template
         self.max_length = max_length
-        report = scan_file(path, images_dir, student_side, teacher_side, template, max_length)
+        report = cached_scan(path, images_dir, student_side, teacher_side, template, max_length)
         if report.bad and on_bad_sample == "error":
             raise ValueError(
                 f"{len(report.bad)} of {report.num_records} records of {self.path} are bad (on_bad_sample='error'); "
@@ -83,6 +86,82 @@ class PairDataset(torch.utils.data.Dataset):
             record, images, self.student_side, self.teacher_side, self.template, self.max_length
         )
         return {"student": student, "teacher": teacher, "id": record.id}
+
+
+def side_fingerprint(side: VisionSide) -> str:
+    """What decides how a side renders a record: tokenizer, image token, wrapper, image processor, model config."""
+    parts = [type(side).__qualname__, str(side.image_token_id), repr(side.image_wrapper)]
+    tokenizer = side.tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    parts.append(backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items())))
+    parts.append(str(getattr(tokenizer, "chat_template", "")))
+    for name in ("image_processor", "config"):
+        obj = getattr(side, name, None)
+        if obj is not None and hasattr(obj, "to_json_string"):
+            parts.append(obj.to_json_string())
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()
+
+
+def cache_dir() -> Path:
+    """``$EMKD_CACHE`` or ``$XDG_CACHE_HOME/emkd`` (default ``~/.cache/emkd``)."""
+    if os.environ.get("EMKD_CACHE"):
+        return Path(os.environ["EMKD_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "emkd"
+
+
+def cached_scan(
+    path: str | os.PathLike,
+    images_dir: str | os.PathLike | None,
+    student_side: VisionSide,
+    teacher_side: VisionSide,
+    template: str,
+    max_length: int | None,
+) -> CheckReport:
+    """:func:`emkd.data.check.scan_file`, remembered across runs.
+
+    The scan renders every record for both sides, which costs as much as an epoch of preprocessing; a run that
+    reads the same file with the same sides again (a second method, a resumed run, another seed) reuses the
+    outcome. The key covers the data file (absolute path, size, modification time), the image directory, the
+    template, ``max_length`` and both sides' fingerprints. Images changed after a scan are not re-checked; a
+    missing image then fails when the sample is read, naming the record. ``EMKD_CACHE=0`` disables the cache.
+    """
+    if os.environ.get("EMKD_CACHE") == "0":
+        return scan_file(path, images_dir, student_side, teacher_side, template, max_length)
+    stat = os.stat(path)
+    key = hashlib.sha256(json.dumps([
+        os.path.abspath(path), stat.st_size, stat.st_mtime_ns,
+        None if images_dir is None else os.path.abspath(images_dir), template, max_length,
+        side_fingerprint(student_side), side_fingerprint(teacher_side),
+    ]).encode()).hexdigest()[:32]
+    cache = cache_dir() / "scans" / f"{key}.json"
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        good = set(saved["good"])
+        report = CheckReport(os.fspath(path))
+        report.records = [r for r in read_records(path) if isinstance(r, Record) and _source_key(r.source) in good]
+        report.bad = [
+            BadRecord(Source(**b["source"]), b["id"], tuple(Problem(**p) for p in b["problems"])) for b in saved["bad"]
+        ]
+        if len(report.records) == len(good):
+            return report
+    report = scan_file(path, images_dir, student_side, teacher_side, template, max_length)
+    payload = {
+        "good": [_source_key(r.source) for r in report.records],
+        "bad": [{"source": vars(b.source), "id": b.record_id, "problems": [vars(p) for p in b.problems]}
+                for b in report.bad],
+    }
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(payload))
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # a read-only cache only costs the next run a rescan
+    return report
+
+
+def _source_key(source: Source) -> str:
+    return f"{source.line}:{source.index}"
 
 
 class PairCollator:
