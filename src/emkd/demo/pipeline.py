@@ -36,16 +36,17 @@ class DemoBudget:
     """Sizes of one demo run (the defaults fit 10 minutes on 2 CPU cores; ``QUICK`` fits 2)."""
 
     easy_vqa_train: int = 4000
-    easy_vqa_test: int = 500
+    easy_vqa_test: int = 300
     per_family_train: int = 2000
-    per_family_test: int = 150
+    per_family_test: int = 100
     teacher_phase1_steps: int = 300
-    teacher_phase2_steps: int = 1500
+    teacher_phase2_steps: int = 5000
     student_phase1_steps: int = 300
     student_phase2_steps: int = 600
     batch_size: int = 32
     eval_limit: int | None = None
     ttft_runs: int = 10
+    eval_batch_size: int = 16
 
 
 QUICK = DemoBudget(
@@ -198,7 +199,7 @@ def run_demo(root: str | Path = "runs/demo", quick: bool = False, seed: int = 0,
     for name, path in [("teacher", teacher_dir), *[(f"student-{m}", p) for m, p in finals.items()]]:
         log(f"eval {name} on {data['test'].name}")
         results[name] = evaluate(path, data["test"], images_dir=data["images"], limit=budget.eval_limit,
-                                 ttft_runs=budget.ttft_runs, progress=True)
+                                 ttft_runs=budget.ttft_runs, batch_size=budget.eval_batch_size, progress=True)
     table = format_table(list(results.values()), list(results))
     print_fn("\n" + table)
     (root / "results.json").write_text(json.dumps({k: _as_dict(v) for k, v in results.items()}, indent=2))
