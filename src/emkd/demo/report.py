@@ -90,7 +90,10 @@ def plot_matching(image: np.ndarray, idx_s: torch.Tensor, idx_t: torch.Tensor, n
 
 
 def decode_vision_tokens(logits: torch.Tensor, tokenizer: Any) -> list[str]:
-    """Top vocabulary word of each vision token's logits ``[N, V]``."""
+    """Top vocabulary word of each vision token's logits ``[N, V]``, special tokens (template, image) left out."""
+    logits = logits.clone()
+    special = [i for i in tokenizer.all_special_ids if i < logits.shape[-1]]
+    logits[:, special] = float("-inf")
     return [tokenizer.decode([int(i)]).strip() or "·" for i in logits.argmax(-1)]
 
 
