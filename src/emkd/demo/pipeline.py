@@ -59,7 +59,7 @@ QUICK = DemoBudget(
 # patch tokens); the teacher keeps all of them, the student average-pools the grid to 4 x 4 = 16.
 VISION = dict(image_size=64, patch_size=8, vision_hidden=64, vision_layers=1)
 TEACHER = dict(compressor="none", text_hidden=128, layers=4, heads=4, kv_heads=2)
-STUDENT = dict(compressor="pool", pool_size=4, text_hidden=64, layers=2, heads=4, kv_heads=2)
+STUDENT = dict(compressor="pool", pool_size=4, text_hidden=128, layers=2, heads=4, kv_heads=2)
 
 
 def _recipe(name: str) -> Path:

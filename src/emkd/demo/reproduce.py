@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import torch
 
-from emkd.demo.pipeline import DemoBudget, Progress, demo_tokenizer, ensure_teacher, init_models, run_train, _copy_tower
+from emkd.demo.pipeline import DemoBudget, Progress, _copy_tower, demo_tokenizer, ensure_teacher, init_models, run_train
 
 # name -> (method, loss overrides); the EM-KD paper's rows.
 TABLE2 = {
@@ -84,9 +84,6 @@ def run_reproduce(root: str | Path = "runs/reproduce", seeds: tuple[int, ...] = 
     tokenizer = demo_tokenizer(data_dir, root / "tokenizer")
     teacher = ensure_teacher(root, data, tokenizer, budget, 0, log)
 
-    from emkd.evaluation import load_for_eval
-    from emkd.training.irs import compute_irs  # noqa: F401  (Align-TI needs its layer; see below)
-
     variants = {_variant_key(m, l): (m, l) for m, l in list(TABLE2.values()) + list(TABLE3.values())}
     scores: dict[str, list[Any]] = {k: [] for k in variants}
     irs_layer = _irs_layer(teacher, data, log, root)
@@ -106,11 +103,12 @@ def run_reproduce(root: str | Path = "runs/reproduce", seeds: tuple[int, ...] = 
                 overrides.append(f"irs_layer={irs_layer}")
             summary = run_train("demo_student_phase2.yaml", overrides, log)
             result = evaluate(summary["final_model"], data["test"], images_dir=data["images"], ttft_runs=3,
-                              progress=False)
+                              batch_size=budget.eval_batch_size, progress=False)
             log(f"  {key} seed {seed}: avg {100 * result.average:.1f}")
             scores[key].append(result)
             (out / "eval.json").write_text(json.dumps(result.to_dict(), indent=2))
-    teacher_result = evaluate(teacher, data["test"], images_dir=data["images"], ttft_runs=3, progress=False)
+    teacher_result = evaluate(teacher, data["test"], images_dir=data["images"], ttft_runs=3,
+                              batch_size=budget.eval_batch_size, progress=False)
     families = sorted(teacher_result.accuracy)
     minutes = (time.time() - started) / 60
     command = "emkd reproduce" + (" --quick" if quick else "") + f" --seeds {','.join(map(str, seeds))} --steps {steps}"
@@ -122,7 +120,7 @@ def run_reproduce(root: str | Path = "runs/reproduce", seeds: tuple[int, ...] = 
         f"split, mean ± sample std over seeds {', '.join(map(str, seeds))}; every student is phase-2 trained for "
         f"{steps} steps from the phase-1 weights of its seed against the same teacher.",
         "",
-        f"Teacher (64 vision tokens): " + ", ".join(f"{f} {100 * teacher_result.accuracy[f]:.1f}" for f in families)
+        "Teacher (64 vision tokens): " + ", ".join(f"{f} {100 * teacher_result.accuracy[f]:.1f}" for f in families)
         + f", avg {100 * teacher_result.average:.1f}. Students: 16 vision tokens.",
         "",
         "## Table 2 analogue: distillation methods",
