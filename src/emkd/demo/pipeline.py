@@ -41,8 +41,8 @@ class DemoBudget:
     per_family_test: int = 100
     teacher_phase1_steps: int = 300
     teacher_phase2_steps: int = 5000
-    student_phase1_steps: int = 300
-    student_phase2_steps: int = 600
+    student_phase1_steps: int = 200
+    student_phase2_steps: int = 400
     batch_size: int = 32
     eval_limit: int | None = None
     ttft_runs: int = 10
