@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,11 +158,20 @@ def _same_tokenizer(directory: Path, tokenizer) -> bool:
     return other.get_vocab() == tokenizer.get_vocab()
 
 
+def prepare_data(data_dir: Path, budget: DemoBudget, seed: int) -> dict[str, Path]:
+    """Build (or reuse) the demo data in ``data_dir``; return the paths of its splits and images."""
+    from emkd.demo.datasets import build_demo_data
+
+    build_demo_data(data_dir, seed=seed, easy_vqa_train=budget.easy_vqa_train, easy_vqa_test=budget.easy_vqa_test,
+                    per_family_train=budget.per_family_train, per_family_test=budget.per_family_test)
+    return {"train": data_dir / "train.json", "test": data_dir / "test.json",
+            "captions": data_dir / "captions.json", "images": data_dir / "images"}
+
+
 def run_demo(root: str | Path = "runs/demo", quick: bool = False, seed: int = 0,
              methods: tuple[str, ...] = ("sft", "emkd"), retrain_teacher: bool = False,
              print_fn: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the whole demo; return the evaluation results by model name."""
-    from emkd.demo.datasets import build_demo_data
     from emkd.evaluation import evaluate, format_table
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
@@ -173,12 +181,8 @@ def run_demo(root: str | Path = "runs/demo", quick: bool = False, seed: int = 0,
     log(f"emkd demo ({'quick' if quick else 'full'}): teacher with 64 vision tokens, student with 16, in {root}")
 
     log("data: easy-VQA and the fine-grained suite (cached after the first run)")
-    data_dir = root / "data"
-    build_demo_data(data_dir, seed=seed, easy_vqa_train=budget.easy_vqa_train, easy_vqa_test=budget.easy_vqa_test,
-                    per_family_train=budget.per_family_train, per_family_test=budget.per_family_test)
-    data = {"train": data_dir / "train.json", "test": data_dir / "test.json",
-            "captions": data_dir / "captions.json", "images": data_dir / "images"}
-    tokenizer = demo_tokenizer(data_dir, root / "tokenizer", use_shipped=not retrain_teacher)
+    data = prepare_data(root / "data", budget, seed)
+    tokenizer = demo_tokenizer(root / "data", root / "tokenizer", use_shipped=not retrain_teacher)
 
     teacher_dir = ensure_teacher(root, data, tokenizer, budget, seed, log, retrain=retrain_teacher)
     _, init_student = init_models(tokenizer, root / "student", seed)

@@ -18,7 +18,16 @@ from typing import Any, Callable
 
 import torch
 
-from emkd.demo.pipeline import DemoBudget, Progress, _copy_tower, demo_tokenizer, ensure_teacher, init_models, run_train
+from emkd.demo.pipeline import (
+    DemoBudget,
+    Progress,
+    _copy_tower,
+    demo_tokenizer,
+    ensure_teacher,
+    init_models,
+    prepare_data,
+    run_train,
+)
 
 # name -> (method, loss overrides); the EM-KD paper's rows.
 TABLE2 = {
@@ -64,7 +73,6 @@ def run_reproduce(root: str | Path = "runs/reproduce", seeds: tuple[int, ...] = 
                   steps: int = 300, results_md: str | Path | None = "docs/results.md",
                   print_fn: Callable[[str], None] = print, quick: bool = False) -> dict[str, Any]:
     """Train and evaluate every variant of Tables 2 and 3 for each seed; write the tables."""
-    from emkd.demo.datasets import build_demo_data
     from emkd.evaluation import evaluate
 
     started = time.time()
@@ -76,12 +84,8 @@ def run_reproduce(root: str | Path = "runs/reproduce", seeds: tuple[int, ...] = 
         steps = min(steps, QUICK.student_phase2_steps)
     root = Path(root)
     log = Progress(print_fn)
-    data_dir = Path(root) / "data"
-    build_demo_data(data_dir, seed=0, easy_vqa_train=budget.easy_vqa_train, easy_vqa_test=budget.easy_vqa_test,
-                    per_family_train=budget.per_family_train, per_family_test=budget.per_family_test)
-    data = {"train": data_dir / "train.json", "test": data_dir / "test.json",
-            "captions": data_dir / "captions.json", "images": data_dir / "images"}
-    tokenizer = demo_tokenizer(data_dir, root / "tokenizer")
+    data = prepare_data(root / "data", budget, 0)
+    tokenizer = demo_tokenizer(root / "data", root / "tokenizer")
     teacher = ensure_teacher(root, data, tokenizer, budget, 0, log)
 
     variants = {_variant_key(m, l): (m, l) for m, l in list(TABLE2.values()) + list(TABLE3.values())}

@@ -17,7 +17,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from emkd.inputs import VOCAB_POLICIES, DistillInputs, check_pair, zero_like_graph
+from emkd.inputs import DistillInputs, check_pair, zero_like_graph
 from emkd.losses.divergence import forward_kl
 from emkd.losses.llava_kd import paired_logits, resolve_matching
 from emkd.matching.pairing import pair_vision_tokens
