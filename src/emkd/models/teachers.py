@@ -153,15 +153,15 @@ class LlavaNextSide(_HFVisionSide):
         }
 
 
-class LlavaOnevisionSide(_HFVisionSide):
-    """LLaVA-OneVision: AnyRes for a single-image sample; one tile per image in a multi-image sample.
+class LlavaOnevisionSide(LlavaNextSide):
+    """LLaVA-OneVision: LLaVA-NeXT's AnyRes for a single-image sample; one tile per image in a multi-image sample.
 
     ``image_inputs`` adds ``batch_num_images`` ``[1]`` (images in the sample), which the model uses to tell the two
     cases apart; collation concatenates it, one entry per sample.
     """
 
     def __init__(self, path: str | Path, config: Any, **kwargs: Any) -> None:
-        super().__init__(path, config, **kwargs)
+        _HFVisionSide.__init__(self, path, config, **kwargs)
         _check_pinpoints(self.image_processor, config)
         self.drop_first = config.vision_feature_select_strategy == "default"
         vision = config.vision_config
@@ -184,22 +184,14 @@ class LlavaOnevisionSide(_HFVisionSide):
     def num_image_tokens(self, image_inputs: dict[str, torch.Tensor], index: int) -> int:
         # LlavaOnevisionProcessor.replace_image_token for a one-sample image_inputs
         if int(image_inputs["batch_num_images"][0]) != 1:
-            count = self.counter.num_image_tokens + 1  # base tile + newline
-        else:
-            orig_height, orig_width = (int(x) for x in image_inputs["image_sizes"][index])
-            height, width = image_inputs["pixel_values"].shape[-2:]
-            count = self.counter._get_number_of_features(orig_height, orig_width, height, width)
-        return int(count - self.drop_first)
+            return int(self.counter.num_image_tokens + 1 - self.drop_first)  # base tile + newline
+        return super().num_image_tokens(image_inputs, index)
 
     def collate_image_inputs(self, items: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-        items = [item for item in items if item]
-        if not items:
-            return {}
-        return {
-            "pixel_values": _pad_tiles([item["pixel_values"] for item in items]),  # [N, max tiles, 3, H, W]
-            "image_sizes": torch.cat([item["image_sizes"] for item in items]),  # [N, 2]
-            "batch_num_images": torch.cat([item["batch_num_images"] for item in items]),  # [samples with images]
-        }
+        out = super().collate_image_inputs(items)
+        if out:
+            out["batch_num_images"] = torch.cat([item["batch_num_images"] for item in items if item])
+        return out
 
 
 class Qwen2VLSide(_HFVisionSide):
