@@ -21,6 +21,15 @@ from reference import ref_emkd, ref_iva, ref_kd, ref_llava_kd
 
 RTOL, ATOL = 1e-5, 1e-6  # float32 implementation against a float64 reference
 
+# Both implementations of every loss: the fused one with a chunk far smaller than the vocabulary (37-41 here), so the
+# online log-sum-exp really crosses chunk boundaries, including a last chunk shorter than the others.
+IMPLEMENTATIONS = {"fused": dict(implementation="fused", chunk_size=8), "naive": dict(implementation="naive")}
+
+
+@pytest.fixture(params=list(IMPLEMENTATIONS))
+def impl(request) -> dict:
+    return IMPLEMENTATIONS[request.param]
+
 
 @dataclass(frozen=True)
 class Case:
@@ -147,12 +156,12 @@ def _compare_student_grads(impl, ref) -> None:
 # ---- EM-KD ----------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("hp", list(EMKD_HPARAMS))
 @pytest.mark.parametrize(("case_name", "matching"), _combos(EMKD_MATCHINGS))
-def test_emkd_vsd_logits_matches_reference(case_name, matching, hp):
+def test_emkd_vsd_logits_matches_reference(case_name, matching, hp, impl):
     case = CASES[case_name]
     student, teacher, student64, teacher_ref = _run(case)
     kwargs = dict(EMKD_HPARAMS[hp], matching=matching, vocab=case.vocab)
 
-    out = emkd.EMKDLoss(**kwargs)(student, teacher)
+    out = emkd.EMKDLoss(**kwargs, **impl)(student, teacher)
     ref = ref_emkd(student64, teacher_ref, **kwargs)
 
     for name in ("loss", "sup", "rld", "vsd", "vlad"):
@@ -165,7 +174,7 @@ def test_emkd_vsd_logits_matches_reference(case_name, matching, hp):
 
 
 @pytest.mark.parametrize(("case_name", "matching"), _combos(EMKD_MATCHINGS))
-def test_emkd_vsd_hidden_matches_reference(case_name, matching):
+def test_emkd_vsd_hidden_matches_reference(case_name, matching, impl):
     case = CASES[case_name]
     student, teacher, student64, teacher_ref = _run(case)
     kwargs = dict(alpha=0.6, beta=0.9, gamma=2.0, temperature=0.7, matching=matching, vsd_target="hidden")
@@ -178,7 +187,7 @@ def test_emkd_vsd_hidden_matches_reference(case_name, matching):
             projector.weight.copy_(torch.randn(case.dt, case.ds, generator=gen) / case.ds**0.5)
             projector.bias.copy_(torch.randn(case.dt, generator=gen) * 0.1)
 
-    out = emkd.EMKDLoss(**kwargs)(student, teacher, projector=projector)
+    out = emkd.EMKDLoss(**kwargs, **impl)(student, teacher, projector=projector)
     ref = ref_emkd(student64, teacher_ref, projector=projector, **kwargs)
 
     for name in ("loss", "sup", "rld", "vsd", "vlad"):
@@ -199,12 +208,12 @@ def test_emkd_vsd_hidden_matches_reference(case_name, matching):
 @pytest.mark.parametrize(
     ("case_name", "matching"), _combos(("auto", "hungarian_logits", "hungarian_hidden", "avgpool", "identity"))
 )
-def test_llava_kd_matches_reference(case_name, matching, hp):
+def test_llava_kd_matches_reference(case_name, matching, hp, impl):
     case = CASES[case_name]
     student, teacher, student64, teacher_ref = _run(case)
     kwargs = dict(LLAVA_HPARAMS[hp], matching=matching, vocab=case.vocab)
 
-    out = emkd.LlavaKDLoss(**kwargs)(student, teacher)
+    out = emkd.LlavaKDLoss(**kwargs, **impl)(student, teacher)
     ref = ref_llava_kd(student64, teacher_ref, **kwargs)
 
     for name in ("loss", "ce", "res", "vis", "rel"):
@@ -216,11 +225,11 @@ def test_llava_kd_matches_reference(case_name, matching, hp):
     _compare_student_grads(student, student64)
 
 
-def test_llava_kd_auto_is_identity_per_sample():
+def test_llava_kd_auto_is_identity_per_sample(impl):
     """In the mixed batch, balanced samples pair i <-> i and the unbalanced one is Hungarian-matched."""
     case = CASES["mixed"]
     student, teacher, student64, teacher_ref = _run(case)
-    out = emkd.LlavaKDLoss()(student, teacher)
+    out = emkd.LlavaKDLoss(**impl)(student, teacher)
     for b, s in enumerate(case.samples):
         idx_s, idx_t = out.matches[b]
         assert len(idx_s) == min(s.ns, s.nt)
@@ -246,12 +255,12 @@ KD_SETTINGS = {
 
 @pytest.mark.parametrize("setting", list(KD_SETTINGS))
 @pytest.mark.parametrize("case_name", ["student_fewer", "student_more", "crop_student_larger"])
-def test_kd_matches_reference(case_name, setting):
+def test_kd_matches_reference(case_name, setting, impl):
     case = CASES[case_name]
     student, teacher, student64, teacher_ref = _run(case)
     kwargs = dict(KD_SETTINGS[setting], vocab=case.vocab)
 
-    out = emkd.KDLoss(**kwargs)(student, teacher)
+    out = emkd.KDLoss(**kwargs, **impl)(student, teacher)
     ref = ref_kd(student64, teacher_ref, **kwargs)
 
     for name in ("loss", "ce", "kd"):
@@ -267,14 +276,14 @@ def test_kd_matches_reference(case_name, setting):
 @pytest.mark.parametrize(
     ("case_name", "matching"), _combos(("auto", "hungarian_logits", "hungarian_hidden", "identity"))
 )
-def test_iva_matches_reference(case_name, matching, temperature):
+def test_iva_matches_reference(case_name, matching, temperature, impl):
     case = CASES[case_name]
     student, teacher, student64, teacher_ref = _run(case)
     gen = torch.Generator().manual_seed(11)
     weights = [torch.softmax(torch.randn(s.nt, generator=gen) * 2, 0) for s in case.samples]  # (Nt_b,) each
 
     kwargs = dict(matching=matching, temperature=temperature, vocab=case.vocab)
-    iva, matches = iva_loss(student, teacher, weights, **kwargs)
+    iva, matches = iva_loss(student, teacher, weights, **kwargs, **impl)
     ref, ref_matches = ref_iva(student64, teacher_ref, weights, **kwargs)
 
     assert_close(iva, ref, "iva")
@@ -309,20 +318,20 @@ def _drop_label(inputs, b: int, j: int):
 
 
 @pytest.mark.parametrize("loss_name", ["emkd", "llava_kd", "kd"])
-def test_gaps_in_the_response_match_reference(loss_name):
+def test_gaps_in_the_response_match_reference(loss_name, impl):
     case = CASES["student_fewer"]
     student, teacher, student64, teacher_ref = _run(case)
     student, teacher = _drop_label(student, 2, 2), _drop_label(teacher, 2, 2)
     student64, teacher_ref = _drop_label(student64, 2, 2), _drop_label(teacher_ref, 2, 2)
     assert int(student.response_mask.sum()) == sum(s.response for s in case.samples) - 1
     if loss_name == "emkd":
-        out, ref = emkd.EMKDLoss(temperature=1.3)(student, teacher), ref_emkd(student64, teacher_ref, temperature=1.3)
+        out, ref = emkd.EMKDLoss(temperature=1.3, **impl)(student, teacher), ref_emkd(student64, teacher_ref, temperature=1.3)
         names = ("loss", "sup", "rld")
     elif loss_name == "llava_kd":
-        out, ref = emkd.LlavaKDLoss()(student, teacher), ref_llava_kd(student64, teacher_ref)
+        out, ref = emkd.LlavaKDLoss(**impl)(student, teacher), ref_llava_kd(student64, teacher_ref)
         names = ("loss", "ce", "res")
     else:
-        out, ref = emkd.KDLoss("jsd")(student, teacher), ref_kd(student64, teacher_ref, divergence="jsd")
+        out, ref = emkd.KDLoss("jsd", **impl)(student, teacher), ref_kd(student64, teacher_ref, divergence="jsd")
         names = ("loss", "ce", "kd")
     for name in names:
         assert_close(getattr(out, name), ref[name], name)
@@ -332,13 +341,13 @@ def test_gaps_in_the_response_match_reference(loss_name):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_inputs_are_computed_in_float32(dtype):
+def test_half_precision_inputs_are_computed_in_float32(dtype, impl):
     """Half-precision hidden states and heads are upcast: the result is the float64 reference on the same values."""
     case = CASES["same_width"]
     student, teacher = case.build()
     student, teacher = with_leaves(student, dtype), with_leaves(teacher, dtype, requires_grad=False)
     student64 = with_leaves(student, torch.float64)
-    out = emkd.EMKDLoss(temperature=1.5)(student, teacher)
+    out = emkd.EMKDLoss(temperature=1.5, **impl)(student, teacher)
     ref = ref_emkd(student64, teacher, temperature=1.5)
     for name in ("loss", "sup", "rld", "vsd", "vlad"):
         assert getattr(out, name).dtype == torch.float32, name

@@ -17,8 +17,10 @@ import random
 import torch
 import torch.nn.functional as F
 
+from emkd.chunking import DEFAULT_CHUNK_SIZE, check_implementation
 from emkd.inputs import DistillInputs, check_pair, zero_like_graph
 from emkd.losses.divergence import forward_kl
+from emkd.losses.head import head_divergences
 from emkd.losses.llava_kd import paired_logits, resolve_matching
 from emkd.matching.pairing import pair_vision_tokens
 
@@ -88,14 +90,18 @@ def iva_loss(
     matching: str = "auto",
     temperature: float = 1.0,
     vocab: str = "strict",
+    implementation: str = "fused",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Instruction-aware Vision Alignment (Align-TI Eq. 4) -> ``(iva, matches)``.
 
     Per sample ``IVA_b = sum_m w[t_m] * KL(p_t[t_m] || p_s[s_m])`` over vision pairs (a sum, not a mean, as in Eq. 4),
     where ``w`` (``weights[b]``, ``[Nt_b]``) weighs the teacher's vision tokens. Balanced tokens pair ``i <-> i``;
     unbalanced ones are matched as in EM-KD and each pair takes the weight of its teacher token. ``iva`` is the mean
-    over samples with at least one pair.
+    over samples with at least one pair. ``implementation``: ``fused`` (default; matching cost and KL over
+    vocabulary chunks) or ``naive`` (full ``[M, V]`` logits, the reference).
     """
+    check_implementation(implementation)
     if matching not in IVA_MATCHINGS:
         raise ValueError(f"IVA matching must be one of {IVA_MATCHINGS}, got {matching!r}")
     student, teacher = check_pair(student, teacher, vocab)
@@ -109,15 +115,21 @@ def iva_loss(
                 f"sample {b}: IVA weights must be [Nt={int(n_t[b])}] (one per teacher vision token), got "
                 f"{tuple(weights[b].shape)}"
             )
-        pairs = pair_vision_tokens(student, teacher, b, resolve_matching(matching, int(n_s[b]), int(n_t[b])))
+        pairs = pair_vision_tokens(student, teacher, b, resolve_matching(matching, int(n_s[b]), int(n_t[b])),
+                                   implementation, chunk_size)
         if pairs is None:
             empty = torch.empty(0, dtype=torch.long, device=student.hidden.device)
             matches.append((empty, empty.clone()))
             continue
         matches.append((pairs.idx_s, pairs.idx_t))
-        zs, zt = paired_logits(pairs, student, teacher)  # (M, V), (M, V)
-        w = weights[b].detach().float().to(zs.device)[pairs.idx_t]  # (M,)
-        terms.append((w * forward_kl(zs, zt, temperature)).sum())
+        w = weights[b].detach().float().to(student.hidden.device)[pairs.idx_t]  # (M,)
+        if implementation == "fused":
+            kl = head_divergences(student, pairs.student_hidden, teacher, pairs.teacher_hidden, ("forward",),
+                                  temperature, chunk_size=chunk_size)["forward"]  # (M,)
+        else:
+            zs, zt = paired_logits(pairs, student, teacher)  # (M, V), (M, V)
+            kl = forward_kl(zs, zt, temperature)
+        terms.append((w * kl).sum())
     iva = torch.stack(terms).mean() if terms else zero_like_graph(student.hidden)
     return iva, matches
 

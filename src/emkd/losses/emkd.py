@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from emkd.inputs import VOCAB_POLICIES, DistillInputs, check_pair, zero_like_graph
+from emkd.chunking import DEFAULT_CHUNK_SIZE, check_implementation
+from emkd.inputs import IGNORE_INDEX, VOCAB_POLICIES, DistillInputs, check_pair, zero_like_graph
 from emkd.losses.divergence import reverse_kl
+from emkd.losses.head import head_divergences
 from emkd.losses.response import cross_entropy, mean_or_zero, response_logits
 from emkd.matching.pairing import MATCHINGS, VisionPairs, pair_vision_tokens
 
@@ -72,6 +74,10 @@ class EMKDLoss(torch.nn.Module):
         vsd_target: ``logits`` (paper, reverse KL) | ``hidden`` (Table 3c: ``MSE(P h_s, h_t)`` per pair, with ``P``
             passed as ``projector=`` when the call needs one).
         vocab: ``strict`` raises when the heads' vocabulary sizes differ; ``crop`` cuts both to the smaller.
+        implementation: ``fused`` (default) computes every logit term over vocabulary chunks from hidden states and
+            heads (:mod:`emkd.losses.fused`): no ``[N, V]`` logit matrix exists, and SUP, RLD and VSD share one
+            pass over the student head. ``naive`` builds the logits as EM-KD's Listing 1 does (the reference).
+        chunk_size: vocabulary rows per chunk of the fused path.
 
     Reductions: SUP and RLD are means over all response positions of the batch; VSD and VLAD are means over samples
     with at least one matched pair of per-sample means over pairs (VLAD: over pairs and text tokens). Each term is an
@@ -87,8 +93,11 @@ class EMKDLoss(torch.nn.Module):
         matching: str = "hungarian_logits",
         vsd_target: str = "logits",
         vocab: str = "strict",
+        implementation: str = "fused",
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
         super().__init__()
+        check_implementation(implementation)
         if matching not in MATCHINGS:
             raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
         if vsd_target not in VSD_TARGETS:
@@ -99,11 +108,13 @@ class EMKDLoss(torch.nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.alpha, self.beta, self.gamma, self.temperature = alpha, beta, gamma, temperature
         self.matching, self.vsd_target, self.vocab = matching, vsd_target, vocab
+        self.implementation, self.chunk_size = implementation, chunk_size
 
     def extra_repr(self) -> str:
         return (
             f"alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, temperature={self.temperature}, "
-            f"matching={self.matching!r}, vsd_target={self.vsd_target!r}, vocab={self.vocab!r}"
+            f"matching={self.matching!r}, vsd_target={self.vsd_target!r}, vocab={self.vocab!r}, "
+            f"implementation={self.implementation!r}"
         )
 
     def forward(
@@ -112,29 +123,64 @@ class EMKDLoss(torch.nn.Module):
         student, teacher = check_pair(student, teacher, self.vocab)
         anchor = student.hidden
 
-        # Response terms over every response position of the batch.
-        zs, zt, targets = response_logits(student, teacher)  # (R, V), (R, V), (R,)
-        sup = cross_entropy(zs, targets, anchor)
-        rld = mean_or_zero(reverse_kl(zs, zt, self.temperature), anchor)
-
-        # Vision terms, per sample, on matched pairs.
-        vsd_terms, vlad_terms, matches = [], [], []
+        # Matching and VLAD, per sample.
+        pairs_by_sample: list[VisionPairs] = []
+        vlad_terms, matches = [], []
         for b in range(student.batch_size):
-            pairs = pair_vision_tokens(student, teacher, b, self.matching)
+            pairs = pair_vision_tokens(student, teacher, b, self.matching, self.implementation, self.chunk_size)
             if pairs is None:
                 empty = torch.empty(0, dtype=torch.long, device=anchor.device)
                 matches.append((empty, empty.clone()))
                 continue
+            pairs_by_sample.append(pairs)
             matches.append((pairs.idx_s, pairs.idx_t))
-            vsd_terms.append(self._vsd(pairs, student, teacher, projector, b))
             text_s, text_t = student.text_tokens(b), teacher.text_tokens(b)
             if text_s.shape[0] > 0:
                 vlad_terms.append(vlad_term(pairs, text_s, text_t))
-
-        vsd = torch.stack(vsd_terms).mean() if vsd_terms else zero_like_graph(anchor)
         vlad = torch.stack(vlad_terms).mean() if vlad_terms else zero_like_graph(anchor)
+
+        if self.implementation == "fused":
+            sup, rld, vsd = self._fused_logit_terms(student, teacher, pairs_by_sample, projector)
+        else:
+            zs, zt, targets = response_logits(student, teacher)  # (R, V), (R, V), (R,)
+            sup = cross_entropy(zs, targets, anchor)
+            rld = mean_or_zero(reverse_kl(zs, zt, self.temperature), anchor)
+            vsd_terms = [self._vsd(pairs, student, teacher, projector) for pairs in pairs_by_sample]
+            vsd = torch.stack(vsd_terms).mean() if vsd_terms else zero_like_graph(anchor)
+
         loss = self.alpha * sup + (1.0 - self.alpha) * rld + self.beta * vsd + self.gamma * vlad
         return EMKDOutput(loss=loss, sup=sup, rld=rld, vsd=vsd, vlad=vlad, matches=matches)
+
+    def _fused_logit_terms(
+        self,
+        student: DistillInputs,
+        teacher: DistillInputs,
+        pairs_by_sample: list[VisionPairs],
+        projector: torch.nn.Module | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """SUP, RLD and (for logit VSD) VSD from one chunked pass over the heads: the response rows and every
+        sample's matched vision rows are stacked, CE is read on the former and reverse KL on all."""
+        anchor = student.hidden
+        hs, ht = [student.response_hidden()], [teacher.response_hidden()]  # (R, Ds), (R, Dt)
+        targets = [student.response_targets]  # (R,)
+        num_responses = int(targets[0].numel())
+        if self.vsd_target == "logits":
+            for pairs in pairs_by_sample:
+                hs.append(pairs.student_hidden)
+                ht.append(pairs.teacher_hidden)
+                targets.append(torch.full((pairs.size,), IGNORE_INDEX, dtype=torch.long, device=anchor.device))
+        rows = head_divergences(
+            student, torch.cat(hs), teacher, torch.cat(ht), ("ce", "reverse"), self.temperature, torch.cat(targets),
+            implementation="fused", chunk_size=self.chunk_size,
+        )
+        sup = mean_or_zero(rows["ce"][:num_responses], anchor)
+        rld = mean_or_zero(rows["reverse"][:num_responses], anchor)
+        if self.vsd_target == "hidden":
+            terms = [self._vsd(pairs, student, teacher, projector) for pairs in pairs_by_sample]
+        else:
+            terms = [part.mean() for part in rows["reverse"][num_responses:].split([p.size for p in pairs_by_sample])]
+        vsd = torch.stack(terms).mean() if terms else zero_like_graph(anchor)
+        return sup, rld, vsd
 
     def _vsd(
         self,
@@ -142,8 +188,8 @@ class EMKDLoss(torch.nn.Module):
         student: DistillInputs,
         teacher: DistillInputs,
         projector: torch.nn.Module | None,
-        b: int,
     ) -> torch.Tensor:
+        """VSD of one sample on the naive path (and on either path for ``vsd_target="hidden"``)."""
         if self.vsd_target == "hidden":
             hs = pairs.student_hidden.float()  # (M, Ds)
             ht = pairs.teacher_hidden.float()  # (M, Dt)
@@ -154,7 +200,7 @@ class EMKDLoss(torch.nn.Module):
                     f"vsd_target='hidden' with Ds={hs.shape[1]} != Dt={ht.shape[1]} needs projector= (a Ds -> Dt map)"
                 )
             if hs.shape != ht.shape:
-                raise ValueError(f"sample {b}: projected student {tuple(hs.shape)} != teacher {tuple(ht.shape)}")
+                raise ValueError(f"projected student {tuple(hs.shape)} != teacher {tuple(ht.shape)}")
             return F.mse_loss(hs, ht)
         zs = pairs.student_logits if pairs.student_logits is not None else student.logits(pairs.student_hidden)
         if pairs.teacher_logits is not None:

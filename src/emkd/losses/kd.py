@@ -11,9 +11,10 @@ from dataclasses import dataclass
 
 import torch
 
+from emkd.chunking import DEFAULT_CHUNK_SIZE, check_implementation
 from emkd.inputs import VOCAB_POLICIES, DistillInputs, check_pair
-from emkd.losses.divergence import forward_kl, jsd, reverse_kl
-from emkd.losses.response import cross_entropy, mean_or_zero, response_logits
+from emkd.losses.head import head_divergences
+from emkd.losses.response import mean_or_zero
 
 KD_DIVERGENCES = ("forward", "reverse", "jsd")
 
@@ -37,6 +38,9 @@ class KDLoss(torch.nn.Module):
         ce_weight, kd_weight: weights of the two terms.
         temperature: softmax temperature of ``D`` (no ``T**2`` factor).
         vocab: ``strict`` | ``crop``.
+        implementation: ``fused`` (default; CE and ``D`` in one chunked pass over the heads, no ``[R, V]`` logits) |
+            ``naive`` (full logits, the reference).
+        chunk_size: vocabulary rows per chunk of the fused path.
     """
 
     def __init__(
@@ -47,8 +51,11 @@ class KDLoss(torch.nn.Module):
         temperature: float = 1.0,
         jsd_beta: float = 0.5,
         vocab: str = "strict",
+        implementation: str = "fused",
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
         super().__init__()
+        check_implementation(implementation)
         if divergence not in KD_DIVERGENCES:
             raise ValueError(f"divergence must be one of {KD_DIVERGENCES}, got {divergence!r}")
         if vocab not in VOCAB_POLICIES:
@@ -59,22 +66,21 @@ class KDLoss(torch.nn.Module):
             raise ValueError(f"jsd_beta must lie in (0, 1), got {jsd_beta}")
         self.divergence, self.ce_weight, self.kd_weight = divergence, ce_weight, kd_weight
         self.temperature, self.jsd_beta, self.vocab = temperature, jsd_beta, vocab
+        self.implementation, self.chunk_size = implementation, chunk_size
 
     def extra_repr(self) -> str:
         return (
             f"divergence={self.divergence!r}, ce_weight={self.ce_weight}, kd_weight={self.kd_weight}, "
-            f"temperature={self.temperature}, jsd_beta={self.jsd_beta}, vocab={self.vocab!r}"
+            f"temperature={self.temperature}, jsd_beta={self.jsd_beta}, vocab={self.vocab!r}, "
+            f"implementation={self.implementation!r}"
         )
 
     def forward(self, student: DistillInputs, teacher: DistillInputs) -> KDOutput:
         student, teacher = check_pair(student, teacher, self.vocab)
-        zs, zt, targets = response_logits(student, teacher)  # (R, V), (R, V), (R,)
-        ce = cross_entropy(zs, targets, student.hidden)
-        if self.divergence == "forward":
-            rows = forward_kl(zs, zt, self.temperature)
-        elif self.divergence == "reverse":
-            rows = reverse_kl(zs, zt, self.temperature)
-        else:
-            rows = jsd(zs, zt, self.temperature, self.jsd_beta)
-        kd = mean_or_zero(rows, student.hidden)
+        rows = head_divergences(
+            student, student.response_hidden(), teacher, teacher.response_hidden(), ("ce", self.divergence),
+            self.temperature, student.response_targets, self.jsd_beta, self.implementation, self.chunk_size,
+        )  # {kind: (R,)}
+        ce = mean_or_zero(rows["ce"], student.hidden)
+        kd = mean_or_zero(rows[self.divergence], student.hidden)
         return KDOutput(loss=self.ce_weight * ce + self.kd_weight * kd, ce=ce, kd=kd)

@@ -18,8 +18,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from emkd.inputs import VOCAB_POLICIES, DistillInputs, check_pair, zero_like_graph
+from emkd.chunking import DEFAULT_CHUNK_SIZE, check_implementation
+from emkd.inputs import IGNORE_INDEX, VOCAB_POLICIES, DistillInputs, check_pair, zero_like_graph
 from emkd.losses.divergence import forward_kl
+from emkd.losses.fused import fused_head_gram
+from emkd.losses.head import head_divergences
 from emkd.losses.response import cross_entropy, mean_or_zero, response_logits
 from emkd.matching.pairing import MATCHINGS, VisionPairs, pair_vision_tokens
 
@@ -48,6 +51,11 @@ def relation_term(zs: torch.Tensor, zt: torch.Tensor) -> torch.Tensor:
     gram_s = zs @ zs.T  # (M, M)
     with torch.no_grad():
         gram_t = zt @ zt.T  # (M, M)
+    return gram_distance(gram_s, gram_t)
+
+
+def gram_distance(gram_s: torch.Tensor, gram_t: torch.Tensor) -> torch.Tensor:
+    """``1 - cos(vec(gram_s), vec(gram_t))`` for two ``[M, M]`` Gram matrices."""
     return 1.0 - F.cosine_similarity(gram_s.reshape(1, -1), gram_t.reshape(1, -1), eps=1e-8)[0]
 
 
@@ -73,6 +81,9 @@ class LlavaKDLoss(torch.nn.Module):
         matching: ``auto`` (identity when a sample's counts are equal, else ``hungarian_logits``) or any EM-KD
             matching (``hungarian_logits``, ``hungarian_hidden``, ``avgpool``, ``identity``).
         vocab: ``strict`` | ``crop``, as for :class:`emkd.EMKDLoss`.
+        implementation: ``fused`` (default: CE, RES and VIS in one chunked pass over the heads, REL's Gram matrices
+            summed over vocabulary chunks) | ``naive`` (full ``[N, V]`` logits, the reference).
+        chunk_size: vocabulary rows per chunk of the fused path.
 
     Reductions: CE and RES are means over response positions, VIS is the mean over all vision pairs of the batch,
     REL the mean over samples with at least one pair.
@@ -86,8 +97,11 @@ class LlavaKDLoss(torch.nn.Module):
         temperature: float = 1.0,
         matching: str = "auto",
         vocab: str = "strict",
+        implementation: str = "fused",
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
         super().__init__()
+        check_implementation(implementation)
         if matching not in LLAVA_KD_MATCHINGS:
             raise ValueError(f"matching must be one of {LLAVA_KD_MATCHINGS}, got {matching!r}")
         if vocab not in VOCAB_POLICIES:
@@ -96,36 +110,68 @@ class LlavaKDLoss(torch.nn.Module):
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.alpha, self.beta, self.gamma, self.temperature = alpha, beta, gamma, temperature
         self.matching, self.vocab = matching, vocab
+        self.implementation, self.chunk_size = implementation, chunk_size
 
     def extra_repr(self) -> str:
         return (
             f"alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, temperature={self.temperature}, "
-            f"matching={self.matching!r}, vocab={self.vocab!r}"
+            f"matching={self.matching!r}, vocab={self.vocab!r}, implementation={self.implementation!r}"
         )
 
     def forward(self, student: DistillInputs, teacher: DistillInputs) -> LlavaKDOutput:
         student, teacher = check_pair(student, teacher, self.vocab)
         anchor = student.hidden
 
-        zs, zt, targets = response_logits(student, teacher)  # (R, V), (R, V), (R,)
-        ce = cross_entropy(zs, targets, anchor)
-        res = mean_or_zero(forward_kl(zs, zt, self.temperature), anchor)
-
-        vis_rows, rel_terms, matches = [], [], []
+        pairs_by_sample, matches = [], []
         n_s, n_t = student.vision_mask.sum(1), teacher.vision_mask.sum(1)
         for b in range(student.batch_size):
             matching = resolve_matching(self.matching, int(n_s[b]), int(n_t[b]))
-            pairs = pair_vision_tokens(student, teacher, b, matching)
+            pairs = pair_vision_tokens(student, teacher, b, matching, self.implementation, self.chunk_size)
             if pairs is None:
                 empty = torch.empty(0, dtype=torch.long, device=anchor.device)
                 matches.append((empty, empty.clone()))
                 continue
+            pairs_by_sample.append(pairs)
             matches.append((pairs.idx_s, pairs.idx_t))
-            vzs, vzt = paired_logits(pairs, student, teacher)  # (M, V), (M, V)
-            vis_rows.append(forward_kl(vzs, vzt, self.temperature))
-            rel_terms.append(relation_term(vzs.float(), vzt.float()))
 
-        vis = mean_or_zero(torch.cat(vis_rows), anchor) if vis_rows else zero_like_graph(anchor)
+        if self.implementation == "fused":
+            ce, res, vis, rel_terms = self._fused_terms(student, teacher, pairs_by_sample)
+        else:
+            zs, zt, targets = response_logits(student, teacher)  # (R, V), (R, V), (R,)
+            ce = cross_entropy(zs, targets, anchor)
+            res = mean_or_zero(forward_kl(zs, zt, self.temperature), anchor)
+            vis_rows, rel_terms = [], []
+            for pairs in pairs_by_sample:
+                vzs, vzt = paired_logits(pairs, student, teacher)  # (M, V), (M, V)
+                vis_rows.append(forward_kl(vzs, vzt, self.temperature))
+                rel_terms.append(relation_term(vzs.float(), vzt.float()))
+            vis = mean_or_zero(torch.cat(vis_rows), anchor) if vis_rows else zero_like_graph(anchor)
+
         rel = torch.stack(rel_terms).mean() if rel_terms else zero_like_graph(anchor)
         loss = ce + self.alpha * res + self.beta * vis + self.gamma * rel
         return LlavaKDOutput(loss=loss, ce=ce, res=res, vis=vis, rel=rel, matches=matches)
+
+    def _fused_terms(
+        self, student: DistillInputs, teacher: DistillInputs, pairs_by_sample: list[VisionPairs]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """CE, RES and VIS from one chunked pass over the stacked response and vision-pair rows; REL per sample."""
+        anchor = student.hidden
+        targets = student.response_targets  # (R,)
+        num_responses = int(targets.numel())
+        hs = torch.cat([student.response_hidden(), *[p.student_hidden for p in pairs_by_sample]])  # (R + M, Ds)
+        ht = torch.cat([teacher.response_hidden(), *[p.teacher_hidden for p in pairs_by_sample]])  # (R + M, Dt)
+        ignore = torch.full((hs.shape[0] - num_responses,), IGNORE_INDEX, dtype=torch.long, device=anchor.device)
+        rows = head_divergences(
+            student, hs, teacher, ht, ("ce", "forward"), self.temperature, torch.cat([targets, ignore]),
+            implementation="fused", chunk_size=self.chunk_size,
+        )
+        ce = mean_or_zero(rows["ce"][:num_responses], anchor)
+        res = mean_or_zero(rows["forward"][:num_responses], anchor)
+        vis = mean_or_zero(rows["forward"][num_responses:], anchor) if pairs_by_sample else zero_like_graph(anchor)
+        rel_terms = []
+        for pairs in pairs_by_sample:
+            gram_s = fused_head_gram(pairs.student_hidden, student.head_weight, student.head_bias, self.chunk_size)
+            with torch.no_grad():
+                gram_t = fused_head_gram(pairs.teacher_hidden, teacher.head_weight, teacher.head_bias, self.chunk_size)
+            rel_terms.append(gram_distance(gram_s, gram_t))
+        return ce, res, vis, rel_terms

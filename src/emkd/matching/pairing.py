@@ -11,6 +11,10 @@ every vision loss then consumes:
   logits and VLAD on pooled hidden states are both served by pooling the hidden states.
 * ``identity``: ``i <-> i`` (LLaVA-KD with balanced tokens; needs ``Ns == Nt``).
 
+With ``implementation="fused"`` the logit cost is accumulated over vocabulary chunks from the hidden states and the
+heads (:func:`emkd.matching.cost.head_l1_cost`) and no logits are returned; ``"naive"`` builds both sides' ``[N, V]``
+logits, as EM-KD's Listing 1 does, and returns the matched rows of them for the losses to reuse.
+
 Matching never carries gradient; the student rows returned keep theirs.
 """
 
@@ -21,8 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from emkd.chunking import DEFAULT_CHUNK_SIZE, check_implementation
 from emkd.inputs import DistillInputs
-from emkd.matching.cost import l1_cost
+from emkd.matching.cost import head_l1_cost, l1_cost
 from emkd.matching.hungarian import hungarian_match
 
 MATCHINGS = ("hungarian_logits", "hungarian_hidden", "avgpool", "identity")
@@ -57,9 +62,15 @@ def _pool_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def pair_vision_tokens(
-    student: DistillInputs, teacher: DistillInputs, b: int, matching: str
+    student: DistillInputs,
+    teacher: DistillInputs,
+    b: int,
+    matching: str,
+    implementation: str = "fused",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
 ) -> VisionPairs | None:
     """Pair sample ``b``'s vision tokens; ``None`` when either side has none (the sample adds nothing)."""
+    check_implementation(implementation)
     if matching not in MATCHINGS:
         raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
     vs = student.vision_tokens(b)  # (Ns, Ds)
@@ -91,7 +102,12 @@ def pair_vision_tokens(
         idx_s, idx_t = hungarian_match(l1_cost(vs, vt))
         return VisionPairs(vs[idx_s], vt[idx_t], idx_s, idx_t)
 
-    # hungarian_logits: decode both sides through their heads, match on raw logits, keep the logits for the losses.
+    # hungarian_logits: decode both sides through their heads and match on raw logits.
+    if implementation == "fused":
+        cost = head_l1_cost(vs, student.head_weight, student.head_bias, vt, teacher.head_weight, teacher.head_bias,
+                            chunk_size)  # (Ns, Nt)
+        idx_s, idx_t = hungarian_match(cost)
+        return VisionPairs(vs[idx_s], vt[idx_t], idx_s, idx_t)
     zs = student.logits(vs)  # (Ns, V)
     with torch.no_grad():
         zt = teacher.logits(vt)  # (Nt, V)

@@ -52,9 +52,11 @@ from typing import Any
 
 import torch
 
+from emkd.chunking import check_implementation
 from emkd.inputs import IGNORE_INDEX, VOCAB_POLICIES, DistillInputs, check_pair
 from emkd.losses.align_ti import instruction_vision_attention, iva_loss, ribbon_attention_mask
 from emkd.losses.divergence import forward_kl
+from emkd.losses.head import head_divergences
 from emkd.losses.response import cross_entropy, mean_or_zero
 from emkd.models.base import DistillAdapter
 from emkd.models.student_side import IMAGE_KEYS as STUDENT_IMAGE_KEYS
@@ -389,6 +391,7 @@ def tpa_losses(
     student_model: torch.nn.Module | None = None,
     temperature: float = 1.0,
     vocab: str = "strict",
+    implementation: str = "fused",
 ) -> dict[str, Any]:
     """KD and TPA of Align-TI (Eq. 5-7, Algorithm 1) with one sampling pass and one augmented pass per model.
 
@@ -399,6 +402,8 @@ def tpa_losses(
         student_model: the (wrapped) student module the gradient pass runs through; default the adapter's.
         temperature: of the KL's softmax (SPEC §1); the candidates are always drawn at temperature 1.
         vocab: ``"strict"`` or ``"crop"`` (SPEC §1).
+        implementation: ``"fused"`` (CE, KD and TPA over vocabulary chunks, no ``[R (d + 1), V]`` logits) or
+            ``"naive"`` (full logits, the reference).
 
     Returns:
         ``kd``: mean ``KL(p_t || p_s)`` over response positions (teacher-forced, from the augmented passes);
@@ -411,6 +416,7 @@ def tpa_losses(
     """
     if vocab not in VOCAB_POLICIES:
         raise ValueError(f"vocab must be one of {VOCAB_POLICIES}, got {vocab!r}")
+    check_implementation(implementation)
     check_tpa_support(student_adapter)
     check_tpa_support(teacher_adapter)
     s_side, t_side = batch["student"], batch["teacher"]
@@ -444,20 +450,31 @@ def tpa_losses(
     student, teacher = check_pair(
         _view(h_s, s_side, s_aug, student_adapter), _view(h_t, t_side, t_aug, teacher_adapter), vocab
     )
-    z_s = student.logits(student.response_hidden())  # (R, V)
-    with torch.no_grad():
-        z_t = teacher.logits(teacher.response_hidden())  # (R, V)
     targets = student.response_targets  # (R,)
-    ce = cross_entropy(z_s, targets, h_s)
-    kd = mean_or_zero(forward_kl(z_s, z_t, temperature), h_s)
 
     # 4. candidates: P(. | x, y_<k, c_k^(u)) of both models, same (k, u) order on both sides
     c_s = h_s[s_aug["candidate_batch"].to(h_s.device)[:, None], s_aug["candidate_index"].to(h_s.device)]  # (R, d, Ds)
     with torch.no_grad():
         c_t = h_t[t_aug["candidate_batch"].to(h_t.device)[:, None], t_aug["candidate_index"].to(h_t.device)]
-        zc_t = teacher.logits(c_t.reshape(-1, c_t.shape[-1]))  # (R d, V)
-    zc_s = student.logits(c_s.reshape(-1, c_s.shape[-1]))  # (R d, V)
-    tpa = mean_or_zero(forward_kl(zc_s, zc_t.to(zc_s.device), temperature), h_s)
+    c_s, c_t = c_s.reshape(-1, c_s.shape[-1]), c_t.reshape(-1, c_t.shape[-1]).to(c_s.device)  # (R d, Ds), (R d, Dt)
+    if implementation == "fused":  # CE, KD and TPA in one chunked pass over the heads
+        num_responses = int(targets.numel())
+        ignore = torch.full((c_s.shape[0],), IGNORE_INDEX, dtype=torch.long, device=targets.device)
+        rows = head_divergences(
+            student, torch.cat([student.response_hidden(), c_s]), teacher, torch.cat([teacher.response_hidden(), c_t]),
+            ("ce", "forward"), temperature, torch.cat([targets, ignore]), implementation="fused",
+        )
+        ce = mean_or_zero(rows["ce"][:num_responses], h_s)
+        kd = mean_or_zero(rows["forward"][:num_responses], h_s)
+        tpa = mean_or_zero(rows["forward"][num_responses:], h_s)
+    else:
+        z_s = student.logits(student.response_hidden())  # (R, V)
+        with torch.no_grad():
+            z_t = teacher.logits(teacher.response_hidden())  # (R, V)
+            zc_t = teacher.logits(c_t)  # (R d, V)
+        ce = cross_entropy(z_s, targets, h_s)
+        kd = mean_or_zero(forward_kl(z_s, z_t, temperature), h_s)
+        tpa = mean_or_zero(forward_kl(student.logits(c_s), zc_t, temperature), h_s)
     return {
         "kd": kd,
         "tpa": tpa,
@@ -484,6 +501,7 @@ def align_ti_step(
     iva_matching: str = "auto",
     temperature: float = 1.0,
     vocab: str = "strict",
+    implementation: str = "fused",
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """One Align-TI loss (Eq. 8): ``loss = CE + IVA + KD + TPA``, gradients to the student only.
 
@@ -492,7 +510,8 @@ def align_ti_step(
         batch: ``{"student": side, "teacher": side}``; both sides need ``instruction_mask`` (IVA's queries).
         iva_layer: teacher decoder layer ``l*`` of IVA's weights (``best_layer`` of :func:`emkd.training.irs.
             compute_irs`; negative counts from the end).
-        num_candidates, sampling, top_p, generator, student_model, temperature, vocab: see :func:`tpa_losses`.
+        num_candidates, sampling, top_p, generator, student_model, temperature, vocab, implementation: see
+            :func:`tpa_losses`.
         iva_matching: pairing of unbalanced vision tokens for IVA (:func:`~emkd.losses.align_ti.iva_loss`).
 
     IVA's weights ``a_{l*}(x)`` and teacher vision logits come from the teacher's normal pass (eager attention for
@@ -515,9 +534,9 @@ def align_ti_step(
 
     parts = tpa_losses(
         student_adapter, teacher_adapter, batch, num_candidates, sampling, top_p, generator, student_model,
-        temperature, vocab,
+        temperature, vocab, implementation,
     )
-    iva, matches = iva_loss(parts["student"], teacher, weights, iva_matching, temperature, vocab)
+    iva, matches = iva_loss(parts["student"], teacher, weights, iva_matching, temperature, vocab, implementation)
     loss = parts["ce"] + iva + parts["kd"] + parts["tpa"]
     components = {
         "ce": parts["ce"],

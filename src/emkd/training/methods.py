@@ -24,7 +24,8 @@ from typing import Any, ClassVar
 import torch
 
 from emkd.losses import EMKDLoss, KDLoss, LlavaKDLoss
-from emkd.losses.response import cross_entropy
+from emkd.losses.head import head_divergences
+from emkd.losses.response import mean_or_zero
 from emkd.models.base import DistillAdapter
 
 
@@ -82,10 +83,13 @@ class SFT(Method):
     needs_teacher = False
 
     def __call__(self, student, teacher, batch, model=None) -> StepOutput:
-        if self.loss_kwargs:
-            raise ValueError(f"method 'sft' takes no loss arguments, got {sorted(self.loss_kwargs)}")
+        unknown = set(self.loss_kwargs) - {"implementation", "chunk_size"}
+        if unknown:
+            raise ValueError(f"method 'sft' takes only implementation and chunk_size, got {sorted(unknown)}")
         inputs = student(batch["student"], model=model).inputs
-        ce = cross_entropy(inputs.logits(inputs.response_hidden()), inputs.response_targets, inputs.hidden)
+        rows = head_divergences(inputs, inputs.response_hidden(), None, None, ("ce",),
+                                targets=inputs.response_targets, **self.loss_kwargs)["ce"]  # (R,)
+        ce = mean_or_zero(rows, inputs.hidden)
         return StepOutput(ce, {"loss": float(ce.detach()), "ce": float(ce.detach())})
 
 
@@ -144,7 +148,8 @@ class EMKD(_LossMethod):
 class AlignTI(Method):
     """Align-TI (``CE + IVA + KD + TPA``). ``loss_kwargs``: ``iva_layer`` (teacher layer of IVA's weights, set by
     the trainer from ``irs_layer`` / ``irs_file``), ``num_candidates`` (4), ``sampling`` (``nucleus``), ``top_p``
-    (0.9), ``iva_matching`` (``auto``), ``temperature`` (1), ``vocab`` (``strict``)."""
+    (0.9), ``iva_matching`` (``auto``), ``temperature`` (1), ``vocab`` (``strict``), ``implementation``
+    (``fused``)."""
 
     name = "align_ti"
 

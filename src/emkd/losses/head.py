@@ -1,0 +1,76 @@
+"""Per-row divergences of two heads' distributions, by either implementation (the one entry point the losses use).
+
+``fused`` (the default of every loss) goes through :mod:`emkd.losses.fused` and never builds a full-vocabulary
+logit matrix; ``naive`` applies the heads, builds ``[N, V]`` logits and calls :mod:`emkd.losses.divergence`: it is
+the reference the fused path is tested against and the baseline of ``benchmarks/loss_bench.py``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from emkd.chunking import DEFAULT_CHUNK_SIZE, check_implementation
+from emkd.inputs import IGNORE_INDEX, DistillInputs
+from emkd.losses.divergence import forward_kl, jsd, reverse_kl
+from emkd.losses.fused import fused_head_divergences
+
+
+def logit_divergences(
+    zs: torch.Tensor,
+    zt: torch.Tensor | None,
+    kinds: tuple[str, ...],
+    temperature: float = 1.0,
+    targets: torch.Tensor | None = None,
+    jsd_beta: float = 0.5,
+) -> dict[str, torch.Tensor]:
+    """The naive computation from materialised logits: student ``zs`` ``[N, V]``, teacher ``zt`` ``[N, V]`` ->
+    ``{kind: [N]}``."""
+    out = {}
+    for kind in kinds:
+        if kind == "ce":
+            out[kind] = F.cross_entropy(zs.float(), targets, reduction="none", ignore_index=IGNORE_INDEX)
+        elif kind == "forward":
+            out[kind] = forward_kl(zs, zt, temperature)
+        elif kind == "reverse":
+            out[kind] = reverse_kl(zs, zt, temperature)
+        elif kind == "jsd":
+            out[kind] = jsd(zs, zt, temperature, jsd_beta)
+        else:
+            raise ValueError(f"unknown divergence kind {kind!r}")
+    return out
+
+
+def head_divergences(
+    student: DistillInputs,
+    hs: torch.Tensor,
+    teacher: DistillInputs | None,
+    ht: torch.Tensor | None,
+    kinds: tuple[str, ...],
+    temperature: float = 1.0,
+    targets: torch.Tensor | None = None,
+    jsd_beta: float = 0.5,
+    implementation: str = "fused",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> dict[str, torch.Tensor]:
+    """Per-row ``kinds`` between ``student``'s head on rows ``hs`` ``[N, Ds]`` and ``teacher``'s head on the paired
+    rows ``ht`` ``[N, Dt]`` (no gradient to the teacher) -> ``{kind: [N] float32}``.
+
+    ``ce`` takes ``targets`` ``[N]`` (``-100`` gives 0) and ignores the temperature; the divergences use
+    ``softmax(z / temperature)`` as in :mod:`emkd.losses.divergence`.
+    """
+    check_implementation(implementation)
+    if implementation == "naive":
+        zs = student.logits(hs)  # (N, V)
+        zt = None
+        if teacher is not None and ht is not None:
+            with torch.no_grad():
+                zt = teacher.logits(ht)  # (N, V)
+        return logit_divergences(zs, zt, kinds, temperature, targets, jsd_beta)
+    values = fused_head_divergences(
+        hs, student.head_weight, student.head_bias,
+        None if teacher is None else ht, None if teacher is None else teacher.head_weight,
+        None if teacher is None else teacher.head_bias,
+        tuple(kinds), temperature, targets, jsd_beta, chunk_size,
+    )  # (N, K)
+    return {kind: values[:, k] for k, kind in enumerate(kinds)}

@@ -1,0 +1,141 @@
+"""The chunked losses of :mod:`emkd.losses.fused` against materialised float64 logits: odd shapes, ignored targets,
+biases, temperatures, half-precision inputs, an empty row set, chunk sizes that do and do not divide the vocabulary."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from emkd.losses.fused import fused_head_divergences, fused_head_gram
+from emkd.matching.cost import head_l1_cost, l1_cost
+
+
+def _ref_rows(zs, zt, kind, temperature, targets, beta):
+    """float64 per-row values from full logits."""
+    if kind == "ce":
+        return F.cross_entropy(zs, targets, reduction="none", ignore_index=-100)
+    ls, lt = F.log_softmax(zs / temperature, -1), F.log_softmax(zt / temperature, -1)
+    if kind == "forward":
+        return (lt.exp() * (lt - ls)).sum(-1)
+    if kind == "reverse":
+        return (ls.exp() * (ls - lt)).sum(-1)
+    lm = torch.log(beta * lt.exp() + (1 - beta) * ls.exp())
+    return beta * (lt.exp() * (lt - lm)).sum(-1) + (1 - beta) * (ls.exp() * (ls - lm)).sum(-1)
+
+
+def _inputs(n=13, v=123, ds=17, dt=29, bias=True, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed)
+    hs = torch.randn(n, ds, generator=g, dtype=torch.float64) * scale / ds**0.5
+    ws = torch.randn(v, ds, generator=g, dtype=torch.float64)
+    bs = torch.randn(v, generator=g, dtype=torch.float64) if bias else None
+    ht = torch.randn(n, dt, generator=g, dtype=torch.float64) * scale / dt**0.5
+    wt = torch.randn(v, dt, generator=g, dtype=torch.float64)
+    bt = torch.randn(v, generator=g, dtype=torch.float64) if bias else None
+    targets = torch.randint(0, v, (n,), generator=g)
+    targets[::4] = -100
+    return hs, ws, bs, ht, wt, bt, targets
+
+
+@pytest.mark.parametrize("kinds", [("ce",), ("forward",), ("reverse",), ("jsd",), ("ce", "reverse"),
+                                   ("ce", "forward", "reverse", "jsd")])
+@pytest.mark.parametrize("temperature", [1.0, 0.7, 2.5])
+@pytest.mark.parametrize("chunk_size", [1, 10, 123, 4096])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fused_divergences_match_materialised_logits(kinds, temperature, chunk_size, bias):
+    hs, ws, bs, ht, wt, bt, targets = _inputs(bias=bias)
+    leaves = [hs.float().requires_grad_(), ws.float().requires_grad_()] + ([bs.float().requires_grad_()] if bias else [])
+    out = fused_head_divergences(leaves[0], leaves[1], leaves[2] if bias else None, ht.float(), wt.float(),
+                                 None if bt is None else bt.float(), kinds, temperature, targets, 0.3, chunk_size)
+    assert out.shape == (hs.shape[0], len(kinds)) and out.dtype == torch.float32
+
+    refs = [x.clone().requires_grad_() for x in (hs, ws) + ((bs,) if bias else ())]
+    zs = refs[0] @ refs[1].T + (refs[2] if bias else 0)
+    zt = ht @ wt.T + (bt if bias else 0)
+    ref = torch.stack([_ref_rows(zs, zt, k, temperature, targets, 0.3) for k in kinds], 1)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    grads = torch.autograd.grad((out * upstream.float()).sum(), leaves)
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), refs)
+    for name, got, want in zip(("hidden", "weight", "bias"), grads, ref_grads):
+        scale = want.abs().max()
+        torch.testing.assert_close(got.double() / scale, want / scale, rtol=0, atol=1e-5, msg=name)
+
+
+def test_ignored_targets_give_zero_ce_and_no_gradient():
+    hs, ws, bs, ht, wt, bt, targets = _inputs()
+    targets[:] = -100
+    h = hs.float().requires_grad_()
+    out = fused_head_divergences(h, ws.float(), None, None, None, None, ("ce",), targets=targets, chunk_size=7)
+    assert torch.equal(out, torch.zeros_like(out))
+    out.sum().backward()
+    assert torch.equal(h.grad, torch.zeros_like(h.grad))
+
+
+def test_teacher_gets_no_gradient_and_empty_rows_stay_on_the_graph():
+    hs, ws, bs, ht, wt, bt, targets = _inputs()
+    h, w = hs.float().requires_grad_(), ws.float().requires_grad_()
+    t_h, t_w = ht.float().requires_grad_(), wt.float().requires_grad_()
+    fused_head_divergences(h, w, None, t_h, t_w, None, ("reverse",), chunk_size=16).sum().backward()
+    assert t_h.grad is None and t_w.grad is None and h.grad is not None and w.grad is not None
+
+    empty = fused_head_divergences(h[:0], w, None, t_h[:0], t_w, None, ("forward", "ce"),
+                                   targets=torch.empty(0, dtype=torch.long))
+    assert empty.shape == (0, 2)
+    assert empty.sum().requires_grad
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_inputs_are_upcast_per_chunk(dtype):
+    hs, ws, bs, ht, wt, bt, targets = _inputs()
+    cast = [x.to(dtype) for x in (hs, ws, bs, ht, wt, bt)]
+    h = cast[0].clone().requires_grad_()
+    out = fused_head_divergences(h, cast[1], cast[2], cast[3], cast[4], cast[5], ("ce", "reverse"),
+                                 targets=targets, chunk_size=32)
+    up = [x.double() for x in cast]
+    zs, zt = up[0] @ up[1].T + up[2], up[3] @ up[4].T + up[5]
+    ref = torch.stack([_ref_rows(zs, zt, k, 1.0, targets, 0.5) for k in ("ce", "reverse")], 1)
+    torch.testing.assert_close(out.double(), ref, rtol=1e-4, atol=1e-5)
+    out.sum().backward()
+    assert h.grad.dtype == dtype
+
+
+def test_argument_errors():
+    hs, ws, bs, ht, wt, bt, targets = _inputs()
+    with pytest.raises(ValueError, match="kinds"):
+        fused_head_divergences(hs, ws, bs, ht, wt, bt, ("kl",))
+    with pytest.raises(ValueError, match="need teacher rows"):
+        fused_head_divergences(hs, ws, bs, None, None, None, ("reverse",))
+    with pytest.raises(ValueError, match="targets"):
+        fused_head_divergences(hs, ws, bs, ht, wt, bt, ("ce",))
+    with pytest.raises(ValueError, match="do not pair"):
+        fused_head_divergences(hs, ws, bs, ht[:3], wt, bt, ("forward",))
+
+
+@pytest.mark.parametrize("chunk_size", [1, 9, 123, 1000])
+def test_fused_gram_matches_materialised_logits(chunk_size):
+    hs, ws, bs, *_ = _inputs(n=6)
+    leaves = [x.float().requires_grad_() for x in (hs, ws, bs)]
+    gram = fused_head_gram(*leaves, chunk_size=chunk_size)
+    refs = [x.clone().requires_grad_() for x in (hs, ws, bs)]
+    z = refs[0] @ refs[1].T + refs[2]
+    ref = z @ z.T
+    torch.testing.assert_close(gram.double(), ref, rtol=1e-4, atol=1e-3)
+    upstream = torch.randn(6, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    grads = torch.autograd.grad((gram * upstream.float()).sum(), leaves)
+    ref_grads = torch.autograd.grad((ref * upstream).sum(), refs)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double() / want.abs().max(), want / want.abs().max(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 50, 123, 5000])
+def test_head_l1_cost_equals_l1_cost_of_logits(chunk_size):
+    hs, ws, bs, ht, wt, bt, _ = _inputs(n=9)
+    hs, ht = hs[:5], ht
+    cost = head_l1_cost(hs.float(), ws.float(), bs.float(), ht.float(), wt.float(), bt.float(), chunk_size)
+    full = l1_cost((hs @ ws.T + bs).float(), (ht @ wt.T + bt).float())
+    assert cost.shape == (5, 9)
+    torch.testing.assert_close(cost, full, rtol=1e-5, atol=1e-3)
+    with pytest.raises(ValueError, match="vocabulary sizes differ"):
+        head_l1_cost(hs, ws, bs, ht, wt[:50], None)
