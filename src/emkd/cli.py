@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_irs_arguments(irs)
     irs.set_defaults(func=run_irs)
 
+    cache = sub.add_parser("cache-teacher", help="run a teacher once over training data and store what the losses "
+                           "need (train with --set teacher_cache=DIR)")
+    from emkd.training.teacher_cache import add_cache_arguments, run_cache_teacher
+
+    add_cache_arguments(cache)
+    cache.set_defaults(func=run_cache_teacher)
+
     data = sub.add_parser("data", help="inspect LLaVA-format data")
     data_sub = data.add_subparsers(dest="data_command", metavar="subcommand")
     check = data_sub.add_parser("check", help="list every bad record of a data file with its line or index")

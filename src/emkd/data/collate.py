@@ -40,8 +40,8 @@ class PairDataset(torch.utils.data.Dataset):
             under either policy.
 
     Every record is validated and rendered once upfront (images are loaded and preprocessed by both sides), so the
-    constructor costs one pass over the data. ``dataset[i]`` is ``{"student": {...}, "teacher": {...}, "id": ...}``,
-    each side as :func:`emkd.data.render.render_pair` returns it.
+    constructor costs one pass over the data. ``dataset[i]`` is ``{"student": {...}, "teacher": {...}, "id": ...,
+    "index": i}``, each side as :func:`emkd.data.render.render_pair` returns it.
     """
 
     def __init__(
@@ -85,7 +85,7 @@ class PairDataset(torch.utils.data.Dataset):
         student, teacher = render_pair(
             record, images, self.student_side, self.teacher_side, self.template, self.max_length
         )
-        return {"student": student, "teacher": teacher, "id": record.id}
+        return {"student": student, "teacher": teacher, "id": record.id, "index": index}
 
 
 def side_fingerprint(side: VisionSide) -> str:
@@ -138,7 +138,7 @@ def cached_scan(
         saved = json.loads(cache.read_text())
         good = set(saved["good"])
         report = CheckReport(os.fspath(path))
-        report.records = [r for r in read_records(path) if isinstance(r, Record) and _source_key(r.source) in good]
+        report.records = [r for r in read_records(path) if isinstance(r, Record) and source_key(r.source) in good]
         report.bad = [
             BadRecord(Source(**b["source"]), b["id"], tuple(Problem(**p) for p in b["problems"])) for b in saved["bad"]
         ]
@@ -146,7 +146,7 @@ def cached_scan(
             return report
     report = scan_file(path, images_dir, student_side, teacher_side, template, max_length)
     payload = {
-        "good": [_source_key(r.source) for r in report.records],
+        "good": [source_key(r.source) for r in report.records],
         "bad": [{"source": vars(b.source), "id": b.record_id, "problems": [vars(p) for p in b.problems]}
                 for b in report.bad],
     }
@@ -160,7 +160,8 @@ def cached_scan(
     return report
 
 
-def _source_key(source: Source) -> str:
+def source_key(source: Source) -> str:
+    """A record's place in its file, independent of the file's path: ``"line:index"`` (one of them is ``None``)."""
     return f"{source.line}:{source.index}"
 
 
@@ -170,6 +171,9 @@ class PairCollator:
     Args:
         student_side, teacher_side: the sides whose ``collate_image_inputs`` batch the image inputs.
         pad_token_id: the id put in padded ``input_ids`` (``None``: the teacher tokenizer's ``pad_token_id``).
+        with_index: also give each side ``index`` ``[B]`` long, the samples' :class:`PairDataset` indices (what a
+            teacher cache is looked up by; see :mod:`emkd.training.teacher_cache`). Every item then needs
+            ``"index"``.
 
     Returns (when called on a list of samples): ``{"student": side, "teacher": side}``, each side with
     ``input_ids`` ``[B, L]`` long (padded with ``pad_token_id``), ``attention_mask`` ``[B, L]`` long (0 on padding),
@@ -179,7 +183,13 @@ class PairCollator:
 
     TEXT_KEYS = ("input_ids", "attention_mask", "labels", "instruction_mask")
 
-    def __init__(self, student_side: VisionSide, teacher_side: VisionSide, pad_token_id: int | None = None):
+    def __init__(
+        self,
+        student_side: VisionSide,
+        teacher_side: VisionSide,
+        pad_token_id: int | None = None,
+        with_index: bool = False,
+    ):
         if pad_token_id is None:
             pad_token_id = getattr(teacher_side.tokenizer, "pad_token_id", None)
             if pad_token_id is None:
@@ -187,14 +197,26 @@ class PairCollator:
         self.student_side = student_side
         self.teacher_side = teacher_side
         self.pad_token_id = int(pad_token_id)
+        self.with_index = with_index
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, dict[str, torch.Tensor]]:
         if not items:
             raise ValueError("cannot collate an empty list of samples")
-        return {
+        batch = {
             "student": self._collate_side([it["student"] for it in items], self.student_side, "student"),
             "teacher": self._collate_side([it["teacher"] for it in items], self.teacher_side, "teacher"),
         }
+        if self.with_index:
+            missing = [b for b, it in enumerate(items) if "index" not in it]
+            if missing:
+                raise ValueError(
+                    f"PairCollator(with_index=True): items {missing} of the batch have no 'index' (the PairDataset "
+                    "index of the sample)"
+                )
+            index = torch.tensor([int(it["index"]) for it in items], dtype=torch.long)  # (B,)
+            for side in batch.values():
+                side["index"] = index.clone()
+        return batch
 
     def _collate_side(self, samples: list[dict[str, Any]], side: VisionSide, name: str) -> dict[str, torch.Tensor]:
         pads = {"input_ids": self.pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX, "instruction_mask": False}
@@ -207,7 +229,7 @@ class PairCollator:
                 out[b, : s[key].shape[0]] = s[key]
             batch[key] = out
         images = side.collate_image_inputs([s["image_inputs"] for s in samples])
-        clash = set(images) & set(batch)
+        clash = set(images) & (set(batch) | {"index"})
         if clash:
             raise ValueError(f"{name} side: collated image inputs use reserved keys {sorted(clash)}")
         batch.update(images)

@@ -7,7 +7,7 @@ classes, so ``AutoModelForCausalLM.from_pretrained(local_dir)`` loads a saved st
 from emkd.models.base import AdapterOutput, DistillAdapter, VisionSide, check_same_tokenization
 from emkd.models.student import EfficientMLLMConfig, EfficientMLLMForCausalLM
 from emkd.models.student_side import EfficientMLLMAdapter, EfficientMLLMSide, load_student
-from emkd.models.teachers import TEACHER_REGISTRY, HFTeacherAdapter, load_teacher, register_teacher
+from emkd.models.teachers import TEACHER_REGISTRY, HFTeacherAdapter, load_teacher, load_teacher_side, register_teacher
 from emkd.models.tiny_teachers import save_tiny_teacher
 from emkd.models.tokenizer import build_tokenizer
 
@@ -25,6 +25,7 @@ __all__ = [
     "check_same_tokenization",
     "load_student",
     "load_teacher",
+    "load_teacher_side",
     "register_teacher",
     "save_tiny_teacher",
 ]

@@ -233,21 +233,29 @@ def load_student(
     ``image_processor_backend="pil"`` asks transformers for the ``...Pil`` image processor, which needs no
     torchvision and is the one the tiny checkpoints are tested with.
     """
+    side = load_student_side(path, image_processor_backend=image_processor_backend)
+    model = EfficientMLLMForCausalLM.from_pretrained(path, **({} if dtype is None else {"dtype": dtype}))
+    if device is not None:
+        model = model.to(device)
+    return model, EfficientMLLMSide(side.tokenizer, side.image_processor, model.config)
+
+
+def load_student_side(path: str | Path, *, image_processor_backend: str = "pil") -> EfficientMLLMSide:
+    """The :class:`EfficientMLLMSide` of a local student directory (config, tokenizer, image processor), without
+    loading the weights: enough to render data for this model."""
     path = Path(path)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"load_student: no config.json in {path}")
     tokenizer = AutoTokenizer.from_pretrained(path)
     image_processor = AutoImageProcessor.from_pretrained(path, backend=image_processor_backend)
-    model = EfficientMLLMForCausalLM.from_pretrained(path, **({} if dtype is None else {"dtype": dtype}))
-    if device is not None:
-        model = model.to(device)
-    return model, EfficientMLLMSide(tokenizer, image_processor, model.config)
+    return EfficientMLLMSide(tokenizer, image_processor, EfficientMLLMConfig.from_pretrained(path))
 
 
 __all__ = [
     "EfficientMLLMAdapter",
     "EfficientMLLMSide",
     "load_student",
+    "load_student_side",
     "processor_output_size",
     "recorded_attention",
 ]

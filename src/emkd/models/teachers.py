@@ -388,11 +388,15 @@ class HFTeacherAdapter(DistillAdapter):
 # ---- registry and loading ---------------------------------------------------------------------------------------
 
 TeacherLoader = Callable[..., DistillAdapter]
+SideLoader = Callable[[str | Path], VisionSide]
 TEACHER_REGISTRY: dict[str, TeacherLoader] = {}
+TEACHER_SIDES: dict[str, SideLoader] = {}
 
 
-def register_teacher(architecture: str, loader: TeacherLoader) -> None:
-    """Register ``loader(path, dtype=None, attn_implementation=None) -> DistillAdapter`` for ``architecture``.
+def register_teacher(architecture: str, loader: TeacherLoader, side_loader: SideLoader | None = None) -> None:
+    """Register ``loader(path, dtype=None, attn_implementation=None) -> DistillAdapter`` for ``architecture``, and
+    optionally ``side_loader(path) -> VisionSide``, which builds the teacher's side without its weights
+    (:func:`load_teacher_side`).
 
     Raises:
         ValueError: if ``architecture`` is already registered.
@@ -400,6 +404,8 @@ def register_teacher(architecture: str, loader: TeacherLoader) -> None:
     if architecture in TEACHER_REGISTRY:
         raise ValueError(f"teacher architecture {architecture!r} is already registered")
     TEACHER_REGISTRY[architecture] = loader
+    if side_loader is not None:
+        TEACHER_SIDES[architecture] = side_loader
 
 
 def _hf_loader(model_class: str, side_class: type[_HFVisionSide], mm_token_type_ids: bool = False) -> TeacherLoader:
@@ -416,6 +422,14 @@ def _hf_loader(model_class: str, side_class: type[_HFVisionSide], mm_token_type_
     return load
 
 
+def _hf_side_loader(side_class: type[_HFVisionSide]) -> SideLoader:
+    def load_side(path: str | Path) -> VisionSide:
+        return side_class(path, transformers.AutoConfig.from_pretrained(path))
+
+    load_side.__name__ = f"load_{side_class.__name__}"
+    return load_side
+
+
 def _load_student_as_teacher(
     path: str | Path, dtype: torch.dtype | None = None, attn_implementation: str | None = None
 ) -> DistillAdapter:
@@ -429,21 +443,38 @@ def _load_student_as_teacher(
     return EfficientMLLMAdapter(model, side)
 
 
-register_teacher("LlavaForConditionalGeneration", _hf_loader("LlavaForConditionalGeneration", LlavaSide))
-register_teacher("LlavaNextForConditionalGeneration", _hf_loader("LlavaNextForConditionalGeneration", LlavaNextSide))
+def _load_student_side_as_teacher(path: str | Path) -> VisionSide:
+    from emkd.models.student_side import load_student_side
+
+    return load_student_side(path)
+
+
+register_teacher(
+    "LlavaForConditionalGeneration",
+    _hf_loader("LlavaForConditionalGeneration", LlavaSide),
+    _hf_side_loader(LlavaSide),
+)
+register_teacher(
+    "LlavaNextForConditionalGeneration",
+    _hf_loader("LlavaNextForConditionalGeneration", LlavaNextSide),
+    _hf_side_loader(LlavaNextSide),
+)
 register_teacher(
     "LlavaOnevisionForConditionalGeneration",
     _hf_loader("LlavaOnevisionForConditionalGeneration", LlavaOnevisionSide),
+    _hf_side_loader(LlavaOnevisionSide),
 )
 register_teacher(
     "Qwen2VLForConditionalGeneration",
     _hf_loader("Qwen2VLForConditionalGeneration", Qwen2VLSide, mm_token_type_ids=True),
+    _hf_side_loader(Qwen2VLSide),
 )
 register_teacher(
     "Qwen2_5_VLForConditionalGeneration",
     _hf_loader("Qwen2_5_VLForConditionalGeneration", Qwen2VLSide, mm_token_type_ids=True),
+    _hf_side_loader(Qwen2VLSide),
 )
-register_teacher("EfficientMLLMForCausalLM", _load_student_as_teacher)
+register_teacher("EfficientMLLMForCausalLM", _load_student_as_teacher, _load_student_side_as_teacher)
 
 
 def checkpoint_architecture(path: str | Path) -> str:
@@ -483,3 +514,19 @@ def load_teacher(
     adapter.model.eval()
     adapter.model.requires_grad_(False)
     return adapter
+
+
+def load_teacher_side(path: str | Path) -> VisionSide:
+    """The :class:`VisionSide` of a local teacher checkpoint, built from its config, tokenizer and image processor
+    without loading the weights: enough to render data for the teacher (e.g. when its outputs come from a cache).
+
+    Raises:
+        ValueError: the checkpoint's architecture has no side loader in :data:`TEACHER_SIDES`.
+    """
+    architecture = checkpoint_architecture(path)
+    if architecture not in TEACHER_SIDES:
+        raise ValueError(
+            f"{Path(path) / 'config.json'}: no vision side registered for teacher architecture {architecture!r}; "
+            f"registered: {', '.join(sorted(TEACHER_SIDES))}"
+        )
+    return TEACHER_SIDES[architecture](path)

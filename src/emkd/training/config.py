@@ -49,6 +49,11 @@ class TrainConfig:
     )
     student: str | None = _help("directory of the student checkpoint (model, tokenizer, image processor)", default=None)
     teacher: str | None = _help("directory of the teacher checkpoint; unused by 'sft'", default=None)
+    teacher_cache: str | None = _help(
+        "directory written by `emkd cache-teacher`: the teacher's outputs are read from it and its weights are not "
+        "loaded (teacher= may then be omitted: the cache names its teacher); not for 'align_ti'",
+        default=None,
+    )
     loss: dict = _help("keyword arguments of the method's loss (defaults are the papers' values)", default_factory=dict)
     data: DataConfig = _help("data files and rendering", default_factory=DataConfig)
     output_dir: str = _help("where checkpoints, logs and the final model go", default="runs/train")
@@ -66,7 +71,10 @@ class TrainConfig:
     save_steps: int = _help("checkpoint every N optimizer steps (0: only at the end)", default=0)
     save_total_limit: int = _help("checkpoints kept", default=2)
     train_vision_tower: bool = _help("also train the vision tower in 'instruct'/'sft'/'dft'", default=False)
-    teacher_dtype: str = _help("dtype the teacher runs in: float32, bfloat16 or float16", default="float32")
+    teacher_dtype: str = _help(
+        "dtype the teacher runs in: float32, bfloat16 or float16 (with teacher_cache: the cache's own dtypes)",
+        default="float32",
+    )
     dataloader_workers: int = _help("data loader worker processes", default=0)
     irs_layer: int | None = _help("Align-TI: teacher layer for IVA weights (None: argmax of the IRS file)", default=None)
     irs_file: str | None = _help("Align-TI: JSON written by `emkd irs`", default=None)
@@ -78,8 +86,14 @@ class TrainConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
-        if self.method != "sft" and self.stage not in ("sft",) and self.teacher is None and self.student is not None:
+        if (self.method != "sft" and self.stage not in ("sft",) and self.teacher is None and self.teacher_cache is None
+                and self.student is not None):
             raise ValueError(f"method {self.method!r} needs a teacher directory (set teacher=...)")
+        if self.method == "align_ti" and self.teacher_cache is not None:
+            raise ValueError(
+                "method 'align_ti' cannot train from teacher_cache: its TPA runs the teacher on candidates sampled "
+                "from the student at every step, which no cache holds; unset teacher_cache"
+            )
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError(f"batch_size and grad_accum must be >= 1, got {self.batch_size}, {self.grad_accum}")
         if self.teacher_dtype not in ("float32", "bfloat16", "float16"):

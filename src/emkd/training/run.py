@@ -1,7 +1,8 @@
 """``emkd train``: a recipe read top to bottom — setup, train, save.
 
-``train(config)`` loads the student and (unless the method is ``sft``) the teacher from local directories, checks that
-they tokenize text identically, sets what the stage trains, builds the pair data set, and runs
+``train(config)`` loads the student and (unless the method is ``sft``) the teacher from local directories — or, with
+``teacher_cache``, only the teacher's vision side and the cache of its outputs — checks that they tokenize text
+identically, sets what the stage trains, builds the pair data set, and runs
 :class:`~emkd.training.trainer.DistillTrainer`. Under ``torchrun`` every process runs this same function; the
 Trainer splits the batches.
 """
@@ -21,6 +22,7 @@ from emkd.models import EfficientMLLMAdapter, check_same_tokenization, load_stud
 from emkd.training.config import TrainConfig
 from emkd.training.methods import build_method
 from emkd.training.stages import apply_stage
+from emkd.training.teacher_cache import CachedTeacher, load_cached_teacher
 from emkd.training.trainer import DistillTrainer, InterruptCallback, JsonlLogger, last_complete_checkpoint
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -80,10 +82,13 @@ def build_trainer(config: TrainConfig) -> DistillTrainer:
         loss_kwargs.setdefault("iva_layer", resolve_iva_layer(config))
     method = build_method(config.method, **loss_kwargs)
     if method.needs_teacher:
-        if config.teacher is None:
+        if config.teacher_cache is not None:
+            teacher = load_cached_teacher(config.teacher_cache, config.teacher)
+        elif config.teacher is None:
             raise ValueError(f"method {config.method!r} needs a teacher: set teacher=DIR")
-        teacher = load_teacher(config.teacher, dtype=DTYPES[config.teacher_dtype])
-        teacher.return_logits = False
+        else:
+            teacher = load_teacher(config.teacher, dtype=DTYPES[config.teacher_dtype])
+            teacher.return_logits = False
         check_same_tokenization(student_side.tokenizer, teacher.side.tokenizer)
     teacher_side = teacher.side if teacher is not None else student_side
     if config.data.train is None:
@@ -97,11 +102,14 @@ def build_trainer(config: TrainConfig) -> DistillTrainer:
         max_length=config.data.max_length,
         on_bad_sample=config.data.on_bad_sample,
     )
+    cached = isinstance(teacher, CachedTeacher)
+    if cached:
+        teacher.cache.check_dataset(train_set)
     trainer = DistillTrainer(
         model=model,
         args=training_arguments(config),
         train_dataset=train_set,
-        data_collator=PairCollator(student_side, teacher_side),
+        data_collator=PairCollator(student_side, teacher_side, with_index=cached),
         method=method,
         student_adapter=student,
         teacher_adapter=teacher,
