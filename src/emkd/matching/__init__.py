@@ -1,7 +1,18 @@
 """Vision token matching between an efficient student and a vanilla teacher (SPEC §2)."""
 
-from emkd.matching.cost import l1_cost
-from emkd.matching.hungarian import hungarian_match
+from emkd.matching.auction import auction_assign
+from emkd.matching.cost import head_l1_cost, l1_cost
+from emkd.matching.hungarian import BACKENDS, hungarian_match, hungarian_match_batch
 from emkd.matching.pairing import MATCHINGS, VisionPairs, pair_vision_tokens
 
-__all__ = ["MATCHINGS", "VisionPairs", "hungarian_match", "l1_cost", "pair_vision_tokens"]
+__all__ = [
+    "BACKENDS",
+    "MATCHINGS",
+    "VisionPairs",
+    "auction_assign",
+    "head_l1_cost",
+    "hungarian_match",
+    "hungarian_match_batch",
+    "l1_cost",
+    "pair_vision_tokens",
+]
