@@ -50,11 +50,13 @@ class VisionSide(ABC):
 
 @dataclass
 class AdapterOutput:
-    """What a model shows the loss for one batch, plus the optional attention of one layer ``[B, L, L]``."""
+    """What a model shows the loss for one batch, plus the optional attention of one layer ``[B, L, L]``, and what
+    a ``loss_fn`` run inside the forward returned (``loss_output``)."""
 
     inputs: DistillInputs
     attention: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    loss_output: Any = None
 
 
 class DistillAdapter(ABC):

@@ -35,6 +35,7 @@ every layer's states alive). Language models that rescale or soft-cap their logi
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -232,6 +233,7 @@ class EfficientMLLMOutput(ModelOutput):
         vision_mask: ``[B, L]`` bool, positions filled with image features.
         past_key_values: the decoder's cache (generation).
         hidden_states, attentions: the decoder's, when requested with ``output_hidden_states``/``output_attentions``.
+        head_fn_output: what ``head_fn`` returned, when one was passed to ``forward``.
     """
 
     loss: torch.Tensor | None = None
@@ -241,6 +243,7 @@ class EfficientMLLMOutput(ModelOutput):
     past_key_values: Cache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
+    head_fn_output: Any = None
 
 
 class EfficientProjector(nn.Module):
@@ -413,6 +416,7 @@ class EfficientMLLMForCausalLM(PreTrainedModel, GenerationMixin):
         logits_to_keep: int | torch.Tensor = 0,
         return_logits: bool = True,
         cache_position: torch.LongTensor | None = None,
+        head_fn: Callable[[torch.Tensor, torch.Tensor, nn.Module], Any] | None = None,
         **kwargs,
     ) -> EfficientMLLMOutput:
         """Embed text, put image features at the image tokens, run the LM.
@@ -426,6 +430,11 @@ class EfficientMLLMForCausalLM(PreTrainedModel, GenerationMixin):
             return_logits: ``False`` skips the LM head (``logits=None``) when only ``hidden`` is needed.
             cache_position: accepted for API compatibility and ignored (transformers 5 derives positions from the
                 cache).
+            head_fn: called as ``head_fn(hidden, vision_mask, lm_head)`` inside this forward, its result returned as
+                ``head_fn_output``. A distillation loss that reads the LM head's weight runs here: under FSDP the
+                root unit's parameters, the head among them, are whole only during the root's forward, and under
+                DeepSpeed ZeRO-3 the head weight is registered as an external parameter of this module
+                (:func:`emkd.training.trainer.prepare_for_sharding`).
         """
         del cache_position
         kwargs.pop("return_dict", None)  # always a ModelOutput
@@ -473,11 +482,13 @@ class EfficientMLLMForCausalLM(PreTrainedModel, GenerationMixin):
             loss = self.language_model.loss_function(
                 logits=logits, labels=labels, vocab_size=logits.shape[-1], **kwargs
             )
+        head_fn_output = None if head_fn is None else head_fn(hidden, vision_mask, self.get_output_embeddings())
         return EfficientMLLMOutput(
             loss=loss,
             logits=logits if return_logits else None,
             hidden=hidden,
             vision_mask=vision_mask,
+            head_fn_output=head_fn_output,
             past_key_values=outputs.past_key_values,
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),

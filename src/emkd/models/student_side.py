@@ -19,7 +19,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from PIL import Image
@@ -185,15 +185,35 @@ class EfficientMLLMAdapter(DistillAdapter):
         return len(self.model.get_decoder().layers)
 
     def __call__(
-        self, batch: dict[str, torch.Tensor], attention_layer: int | None = None, model: torch.nn.Module | None = None
+        self,
+        batch: dict[str, torch.Tensor],
+        attention_layer: int | None = None,
+        model: torch.nn.Module | None = None,
+        loss_fn: Callable[[DistillInputs], Any] | None = None,
     ) -> AdapterOutput:
         """Forward the student; ``attention_layer`` asks for that decoder layer's head-averaged attention.
 
         ``model`` runs the forward instead of ``self.model`` when given: a trainer passes its wrapped model
-        (DDP, FSDP, DeepSpeed) so that gradients are synchronised; the head is read from ``self.model``.
+        (DDP, FSDP, DeepSpeed) so that gradients are synchronised.
+
+        ``loss_fn`` is called with the student's :class:`~emkd.DistillInputs` *inside* the model's forward, where
+        the LM head is whole even when FSDP or ZeRO-3 shard it, and its result is returned as ``loss_output``.
+        Without sharding, calling the loss on ``inputs`` afterwards is the same computation.
         """
         runner = self.model if model is None else model
         images = {k: batch[k] for k in IMAGE_KEYS if k in batch}
+
+        def build(hidden: torch.Tensor, vision_mask: torch.Tensor, head: torch.nn.Module) -> DistillInputs:
+            return DistillInputs(
+                hidden=hidden,
+                head_weight=head.weight,
+                vision_mask=vision_mask,
+                attention_mask=batch["attention_mask"],
+                labels=batch["labels"],
+                head_bias=head.bias,
+                instruction_mask=batch.get("instruction_mask"),
+            )
+
         kwargs = dict(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
@@ -201,6 +221,8 @@ class EfficientMLLMAdapter(DistillAdapter):
             return_logits=self.return_logits,
             **images,
         )
+        if loss_fn is not None:
+            kwargs["head_fn"] = lambda hidden, vision_mask, head: loss_fn(build(hidden, vision_mask, head))
         attention = None
         if attention_layer is None:
             out = runner(**kwargs)
@@ -208,17 +230,8 @@ class EfficientMLLMAdapter(DistillAdapter):
             with recorded_attention(self.model, attention_layer) as record:
                 out = runner(**kwargs)
             attention = record["attention"]  # (B, L, L)
-        head = self.model.get_output_embeddings()
-        inputs = DistillInputs(
-            hidden=out.hidden,
-            head_weight=head.weight,
-            vision_mask=out.vision_mask,
-            attention_mask=batch["attention_mask"],
-            labels=batch["labels"],
-            head_bias=head.bias,
-            instruction_mask=batch.get("instruction_mask"),
-        )
-        return AdapterOutput(inputs=inputs, attention=attention, logits=out.logits)
+        inputs = build(out.hidden, out.vision_mask, self.model.get_output_embeddings())
+        return AdapterOutput(inputs=inputs, attention=attention, logits=out.logits, loss_output=out.head_fn_output)
 
 
 def load_student(

@@ -1,7 +1,8 @@
 """The registry of training methods: what one step computes from a student, a teacher and a collated batch.
 
 A method runs the models through their adapters (:class:`emkd.models.DistillAdapter`), hands the tensors to a loss
-of :mod:`emkd.losses`, and returns the total with every component for logging. The teacher always runs in eval mode
+of :mod:`emkd.losses`, and returns the total with every component for logging. The student's loss runs inside the
+student's forward (the adapter's ``loss_fn``), where FSDP and ZeRO-3 hold its LM head whole. The teacher always runs in eval mode
 under ``torch.no_grad``; the student runs through ``model`` when the trainer passes its wrapped model (DDP, FSDP,
 DeepSpeed), so gradients are synchronised.
 
@@ -86,10 +87,13 @@ class SFT(Method):
         unknown = set(self.loss_kwargs) - {"implementation", "chunk_size"}
         if unknown:
             raise ValueError(f"method 'sft' takes only implementation and chunk_size, got {sorted(unknown)}")
-        inputs = student(batch["student"], model=model).inputs
-        rows = head_divergences(inputs, inputs.response_hidden(), None, None, ("ce",),
-                                targets=inputs.response_targets, **self.loss_kwargs)["ce"]  # (R,)
-        ce = mean_or_zero(rows, inputs.hidden)
+
+        def loss_fn(inputs):
+            rows = head_divergences(inputs, inputs.response_hidden(), None, None, ("ce",),
+                                    targets=inputs.response_targets, **self.loss_kwargs)["ce"]  # (R,)
+            return mean_or_zero(rows, inputs.hidden)
+
+        ce = student(batch["student"], model=model, loss_fn=loss_fn).loss_output
         return StepOutput(ce, {"loss": float(ce.detach()), "ce": float(ce.detach())})
 
 
@@ -107,8 +111,7 @@ class _LossMethod(Method):
         if teacher is None:
             raise ValueError(f"method {self.name!r} needs a teacher")
         t = self.run_teacher(teacher, batch["teacher"]).inputs
-        s = student(batch["student"], model=model).inputs
-        out = self.loss_fn(s, t)
+        out = student(batch["student"], model=model, loss_fn=lambda s: self.loss_fn(s, t)).loss_output
         return StepOutput(out.loss, out.components())
 
 

@@ -93,24 +93,41 @@ def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
-def check_sharding_supported(trainer: Trainer) -> None:
-    """Refuse parameter sharding that the losses cannot see through yet.
-
-    The losses read both LM heads outside the models' forward passes (``DistillInputs.head_weight``). Under DDP and
-    DeepSpeed ZeRO-1/2 every process holds the full weights, so that is exact. Under ZeRO-3 and FSDP full sharding
-    the head is a shard outside forward, and the logits would be wrong; rather than train on them, stop.
-    """
+def sharding_kind(trainer: Trainer) -> str | None:
+    """``"fsdp"``, ``"zero3"`` or ``None``: whether the student's parameters are sharded outside its forward."""
     if trainer.is_fsdp_enabled:
-        raise NotImplementedError(
-            "FSDP is not supported yet: the distillation losses read the student's LM head outside its forward "
-            "pass, where FSDP keeps it sharded. Use DDP or DeepSpeed ZeRO-2 (configs/accelerate/)."
-        )
+        return "fsdp"
     plugin = getattr(trainer.accelerator.state, "deepspeed_plugin", None)
     if plugin is not None and int(plugin.zero_stage or 0) >= 3:
+        return "zero3"
+    return None
+
+
+def check_sharding_supported(trainer: Trainer, method: Method) -> None:
+    """Refuse what sharded training cannot compute correctly.
+
+    Every method but Align-TI computes its loss inside the student's forward (``loss_fn`` of the adapter), where
+    FSDP holds the root unit (which owns the LM head) whole and ZeRO-3 gathers the head registered as an external
+    parameter (:meth:`DistillTrainer.compute_loss`). Align-TI's TPA reads the student head after an augmented
+    forward pass, outside it: under sharding that head is a shard, so it is refused rather than trained wrong.
+    The frozen teacher is never part of the wrapped model: every process holds it whole.
+    """
+    kind = sharding_kind(trainer)
+    if kind is not None and method.name == "align_ti":
         raise NotImplementedError(
-            "DeepSpeed ZeRO-3 is not supported yet: the distillation losses read the LM heads outside the forward "
-            "pass, where ZeRO-3 keeps them partitioned. Use ZeRO-2 (configs/accelerate/deepspeed_zero2.yaml)."
+            f"method 'align_ti' is not supported under {'FSDP' if kind == 'fsdp' else 'DeepSpeed ZeRO-3'}: TPA reads "
+            "the student's LM head outside its forward pass, where it is sharded. Use DDP or ZeRO-2."
         )
+
+
+def register_head_for_zero3(model: torch.nn.Module) -> None:
+    """Tell DeepSpeed ZeRO-3 that the model's own forward reads its LM head's parameters (the ``head_fn`` loss), so
+    they are gathered for the model's forward and backward, not only for the head module's."""
+    import deepspeed
+
+    head = model.get_output_embeddings()
+    for param in head.parameters():
+        deepspeed.zero.register_external_parameter(model, param)
 
 
 class DistillTrainer(Trainer):
@@ -132,7 +149,8 @@ class DistillTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
-        check_sharding_supported(self)
+        check_sharding_supported(self, method)
+        self._head_registered = False
         self.method = method
         self.student_adapter = student_adapter
         self.teacher_adapter = teacher_adapter
@@ -145,6 +163,9 @@ class DistillTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.teacher_adapter is not None:
             self.teacher_adapter.model.eval()
+        if not self._head_registered and sharding_kind(self) == "zero3":  # the engine exists from the first step on
+            register_head_for_zero3(self.model)
+            self._head_registered = True
         out = self.method(self.student_adapter, self.teacher_adapter, inputs, model=model)
         if model.training:
             for key, value in out.components.items():
