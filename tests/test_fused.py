@@ -139,3 +139,24 @@ def test_head_l1_cost_equals_l1_cost_of_logits(chunk_size):
     torch.testing.assert_close(cost, full, rtol=1e-5, atol=1e-3)
     with pytest.raises(ValueError, match="vocabulary sizes differ"):
         head_l1_cost(hs, ws, bs, ht, wt[:50], None)
+
+
+def test_pair_batch_groups_equal_shapes_and_matches_per_sample_pairing():
+    """Samples with equal token counts share one batched cost pass; the pairs are those of one sample at a time."""
+    from conftest import SampleSpec as S
+    from conftest import make_pair
+    from emkd.matching.pairing import pair_batch, pair_vision_tokens
+
+    samples = (S(2, 4, 9, 3, 4), S(1, 4, 9, 2, 3, pad=2), S(3, 0, 5, 2, 2), S(2, 5, 7, 3, 3), S(1, 4, 9, 4, 2))
+    student, teacher = make_pair(samples, student_bias=True, seed=4)
+    batched = pair_batch(student, teacher, "hungarian_logits", "fused", chunk_size=8)
+    for b in range(len(samples)):
+        one = pair_vision_tokens(student, teacher, b, "hungarian_logits", "naive")
+        if one is None:
+            assert batched[b] is None
+            continue
+        assert torch.equal(batched[b].idx_s, one.idx_s) and torch.equal(batched[b].idx_t, one.idx_t)
+        torch.testing.assert_close(batched[b].student_hidden, one.student_hidden)
+        torch.testing.assert_close(batched[b].teacher_hidden, one.teacher_hidden)
+    mixed = pair_batch(student, teacher, ["identity" if s.ns == s.nt else "avgpool" for s in samples], "fused")
+    assert [p is None for p in mixed] == [s.ns == 0 or s.nt == 0 for s in samples]

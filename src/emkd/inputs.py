@@ -67,6 +67,7 @@ class DistillInputs:
             self.instruction_mask = self.instruction_mask.bool()
         if self.labels.dtype != torch.long:
             raise ValueError(f"DistillInputs.labels must be torch.long, got {self.labels.dtype}")
+        self._token_splits: dict[str, list[torch.Tensor]] = {}
 
     # ---- shapes ---------------------------------------------------------------------------------------------
     @property
@@ -101,11 +102,20 @@ class DistillInputs:
 
     def vision_tokens(self, b: int) -> torch.Tensor:
         """``[N_b, D]`` hidden states of sample ``b``'s image tokens, in sequence order."""
-        return self.hidden[b][self.vision_mask[b]]
+        return self._split("vision")[b]
 
     def text_tokens(self, b: int) -> torch.Tensor:
         """``[K_b, D]`` hidden states of sample ``b``'s text tokens, in sequence order."""
-        return self.hidden[b][self.text_mask[b]]
+        return self._split("text")[b]
+
+    def _split(self, kind: str) -> list[torch.Tensor]:
+        """Every sample's rows of one kind, gathered by one indexing of the batch (one node in the backward pass,
+        not one full-size scatter per sample) and cached."""
+        if kind not in self._token_splits:
+            mask = self.vision_mask if kind == "vision" else self.text_mask  # (B, L)
+            rows = self.hidden[mask]  # (sum_b N_b, D), sample-major
+            self._token_splits[kind] = list(rows.split(mask.sum(1).tolist()))
+        return self._token_splits[kind]
 
     def response_hidden(self) -> torch.Tensor:
         """``[R, D]`` hidden states at every response position of the batch, sample-major order."""

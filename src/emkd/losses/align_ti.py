@@ -22,7 +22,7 @@ from emkd.inputs import DistillInputs, check_pair, zero_like_graph
 from emkd.losses.divergence import forward_kl
 from emkd.losses.head import head_divergences
 from emkd.losses.llava_kd import paired_logits, resolve_matching
-from emkd.matching.pairing import pair_vision_tokens
+from emkd.matching.pairing import pair_batch
 
 IVA_MATCHINGS = ("auto", "identity", "hungarian_logits", "hungarian_hidden")
 
@@ -115,20 +115,25 @@ def iva_loss(
                 f"sample {b}: IVA weights must be [Nt={int(n_t[b])}] (one per teacher vision token), got "
                 f"{tuple(weights[b].shape)}"
             )
-        pairs = pair_vision_tokens(student, teacher, b, resolve_matching(matching, int(n_s[b]), int(n_t[b])),
-                                   implementation, chunk_size)
+    matchings = [resolve_matching(matching, int(n_s[b]), int(n_t[b])) for b in range(student.batch_size)]
+    paired = pair_batch(student, teacher, matchings, implementation, chunk_size)
+    kept = [(b, pairs) for b, pairs in enumerate(paired) if pairs is not None]
+    for pairs in paired:
         if pairs is None:
             empty = torch.empty(0, dtype=torch.long, device=student.hidden.device)
             matches.append((empty, empty.clone()))
-            continue
-        matches.append((pairs.idx_s, pairs.idx_t))
-        w = weights[b].detach().float().to(student.hidden.device)[pairs.idx_t]  # (M,)
-        if implementation == "fused":
-            kl = head_divergences(student, pairs.student_hidden, teacher, pairs.teacher_hidden, ("forward",),
-                                  temperature, chunk_size=chunk_size)["forward"]  # (M,)
         else:
-            zs, zt = paired_logits(pairs, student, teacher)  # (M, V), (M, V)
-            kl = forward_kl(zs, zt, temperature)
+            matches.append((pairs.idx_s, pairs.idx_t))
+    if implementation == "fused" and kept:  # every sample's pairs in one chunked pass over the heads
+        rows = head_divergences(
+            student, torch.cat([p.student_hidden for _, p in kept]), teacher, torch.cat([p.teacher_hidden for _, p in kept]),
+            ("forward",), temperature, chunk_size=chunk_size,
+        )["forward"]  # (sum M,)
+        kls = rows.split([p.size for _, p in kept])
+    else:
+        kls = [forward_kl(*paired_logits(p, student, teacher), temperature) for _, p in kept]  # (M,) each
+    for (b, pairs), kl in zip(kept, kls):
+        w = weights[b].detach().float().to(student.hidden.device)[pairs.idx_t]  # (M,)
         terms.append((w * kl).sum())
     iva = torch.stack(terms).mean() if terms else zero_like_graph(student.hidden)
     return iva, matches

@@ -24,7 +24,7 @@ from emkd.inputs import IGNORE_INDEX, VOCAB_POLICIES, DistillInputs, check_pair,
 from emkd.losses.divergence import reverse_kl
 from emkd.losses.head import head_divergences
 from emkd.losses.response import cross_entropy, mean_or_zero, response_logits
-from emkd.matching.pairing import MATCHINGS, VisionPairs, pair_vision_tokens
+from emkd.matching.pairing import MATCHINGS, VisionPairs, pair_batch
 
 VSD_TARGETS = ("logits", "hidden")
 
@@ -126,8 +126,8 @@ class EMKDLoss(torch.nn.Module):
         # Matching and VLAD, per sample.
         pairs_by_sample: list[VisionPairs] = []
         vlad_terms, matches = [], []
-        for b in range(student.batch_size):
-            pairs = pair_vision_tokens(student, teacher, b, self.matching, self.implementation, self.chunk_size)
+        paired = pair_batch(student, teacher, self.matching, self.implementation, self.chunk_size)
+        for b, pairs in enumerate(paired):
             if pairs is None:
                 empty = torch.empty(0, dtype=torch.long, device=anchor.device)
                 matches.append((empty, empty.clone()))

@@ -24,7 +24,7 @@ from emkd.losses.divergence import forward_kl
 from emkd.losses.fused import fused_head_gram
 from emkd.losses.head import head_divergences
 from emkd.losses.response import cross_entropy, mean_or_zero, response_logits
-from emkd.matching.pairing import MATCHINGS, VisionPairs, pair_vision_tokens
+from emkd.matching.pairing import MATCHINGS, VisionPairs, pair_batch
 
 LLAVA_KD_MATCHINGS = ("auto",) + MATCHINGS
 
@@ -124,9 +124,8 @@ class LlavaKDLoss(torch.nn.Module):
 
         pairs_by_sample, matches = [], []
         n_s, n_t = student.vision_mask.sum(1), teacher.vision_mask.sum(1)
-        for b in range(student.batch_size):
-            matching = resolve_matching(self.matching, int(n_s[b]), int(n_t[b]))
-            pairs = pair_vision_tokens(student, teacher, b, matching, self.implementation, self.chunk_size)
+        matchings = [resolve_matching(self.matching, int(n_s[b]), int(n_t[b])) for b in range(student.batch_size)]
+        for pairs in pair_batch(student, teacher, matchings, self.implementation, self.chunk_size):
             if pairs is None:
                 empty = torch.empty(0, dtype=torch.long, device=anchor.device)
                 matches.append((empty, empty.clone()))

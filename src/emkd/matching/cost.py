@@ -44,18 +44,21 @@ def head_l1_cost(
 
     Args:
         hs: ``[Ns, Ds]`` student rows, ``ws`` ``[V, Ds]``, ``bs`` ``[V]``; ``ht`` ``[Nt, Dt]``, ``wt`` ``[V, Dt]``, ``bt``.
+            A leading batch dimension (``[G, Ns, Ds]`` and ``[G, Nt, Dt]``) computes ``G`` samples at once.
 
     Returns:
-        ``[Ns, Nt]`` float32, ``C[i, j] = sum_v |z_s[i, v] - z_t[j, v]|``, without gradient; no more than
-        ``(Ns + Nt) x chunk_size`` logits exist at once.
+        ``[Ns, Nt]`` (or ``[G, Ns, Nt]``) float32, ``C[i, j] = sum_v |z_s[i, v] - z_t[j, v]|``, without gradient;
+        no more than ``G (Ns + Nt) x chunk_size`` logits exist at once.
     """
     if ws.shape[0] != wt.shape[0]:
         raise ValueError(f"head_l1_cost: vocabulary sizes differ, student V={ws.shape[0]}, teacher V={wt.shape[0]}")
     hs32, ht32 = hs.detach().float(), ht.detach().float()
-    cost = hs32.new_zeros(hs.shape[0], ht.shape[0])  # (Ns, Nt)
+    if hs.dim() != ht.dim() or hs.shape[:-2] != ht.shape[:-2]:
+        raise ValueError(f"head_l1_cost: student rows {tuple(hs.shape)} and teacher rows {tuple(ht.shape)} do not pair")
+    cost = hs32.new_zeros(*hs.shape[:-1], ht.shape[-2])  # ([G,] Ns, Nt)
     for start in range(0, ws.shape[0], chunk_size):
         stop = min(start + chunk_size, ws.shape[0])
-        zs = chunk_logits(hs32, ws.detach(), None if bs is None else bs.detach(), start, stop)  # (Ns, C)
-        zt = chunk_logits(ht32, wt.detach(), None if bt is None else bt.detach(), start, stop)  # (Nt, C)
+        zs = chunk_logits(hs32, ws.detach(), None if bs is None else bs.detach(), start, stop)  # ([G,] Ns, C)
+        zt = chunk_logits(ht32, wt.detach(), None if bt is None else bt.detach(), start, stop)  # ([G,] Nt, C)
         cost += torch.cdist(zs, zt, p=1.0)
     return cost

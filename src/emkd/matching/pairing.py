@@ -20,6 +20,7 @@ Matching never carries gradient; the student rows returned keep theirs.
 
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
@@ -113,3 +114,39 @@ def pair_vision_tokens(
         zt = teacher.logits(vt)  # (Nt, V)
     idx_s, idx_t = hungarian_match(l1_cost(zs, zt))
     return VisionPairs(vs[idx_s], vt[idx_t], idx_s, idx_t, zs[idx_s], zt[idx_t])
+
+
+def pair_batch(
+    student: DistillInputs,
+    teacher: DistillInputs,
+    matching: str | list[str],
+    implementation: str = "fused",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> list[VisionPairs | None]:
+    """:func:`pair_vision_tokens` for every sample (``matching`` one name, or one per sample).
+
+    With the fused implementation, the ``hungarian_logits`` costs of samples that have the same token counts are
+    computed together: one chunked pass over the heads and one batched ``cdist`` per group instead of one per sample
+    (the same numbers; what a batch of fixed-resolution images needs).
+    """
+    check_implementation(implementation)
+    per_sample = [matching] * student.batch_size if isinstance(matching, str) else list(matching)
+    if len(per_sample) != student.batch_size:
+        raise ValueError(f"pair_batch: {len(per_sample)} matchings for a batch of {student.batch_size}")
+    out: list[VisionPairs | None] = [None] * student.batch_size
+    groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+    for b, name in enumerate(per_sample):
+        ns, nt = student.vision_tokens(b).shape[0], teacher.vision_tokens(b).shape[0]
+        if implementation == "fused" and name == "hungarian_logits" and ns > 0 and nt > 0:
+            groups[(ns, nt)].append(b)
+        else:
+            out[b] = pair_vision_tokens(student, teacher, b, name, implementation, chunk_size)
+    for members in groups.values():
+        vs = torch.stack([student.vision_tokens(b) for b in members])  # (G, Ns, Ds)
+        vt = torch.stack([teacher.vision_tokens(b) for b in members]).detach()  # (G, Nt, Dt)
+        costs = head_l1_cost(vs, student.head_weight, student.head_bias, vt, teacher.head_weight, teacher.head_bias,
+                             chunk_size)  # (G, Ns, Nt)
+        for g, b in enumerate(members):
+            idx_s, idx_t = hungarian_match(costs[g])
+            out[b] = VisionPairs(student.vision_tokens(b)[idx_s], vt[g][idx_t], idx_s, idx_t)
+    return out

@@ -1,0 +1,107 @@
+"""Cost of one training step per method at the demo's scale, measured side by side.
+
+    python benchmarks/step_bench.py                  # 20 timed steps per method after 3 warm-up steps
+    python benchmarks/step_bench.py --steps 40 --methods sft emkd kd align_ti llava_kd rkl
+
+Everything is the demo's (``emkd.demo.pipeline``): the shipped teacher (64 vision tokens, LLM 128 x 4), a freshly
+initialised student (2 x 2 pooling to 16 tokens, LLM 128 x 2), batches of 32 records of the demo data (easy-VQA and
+the fine-grained suite, chat template), ``recipes/demo_student_phase2.yaml``. One step = ``Trainer.training_step``
+(every model forward, the loss, backward) + the optimizer step. The methods take turns step by step, on the same
+batches, so machine load falls on all of them alike; the median step time of each is reported, with the ratios the
+EM-KD and Align-TI papers discuss (EM-KD / SFT, Align-TI / vanilla KD).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build(methods: list[str], work: Path, batch_size: int, implementation: str):
+    from emkd.demo.pipeline import ASSETS, QUICK, STUDENT, VISION, demo_tokenizer, prepare_data, save_model
+    from emkd.models import load_student
+    from emkd.models.tiny import build_tiny_student
+    from emkd.training.config import load_recipe
+    from emkd.training.run import build_trainer
+
+    data = prepare_data(work / "data", QUICK, seed=0)
+    tokenizer = demo_tokenizer(work / "data", work / "tokenizer")
+    teacher_dir = ASSETS / "teacher"
+    student = build_tiny_student(tokenizer, seed=1, **VISION, **STUDENT)
+    teacher, _ = load_student(teacher_dir)
+    student.vision_tower.load_state_dict(teacher.vision_tower.state_dict())
+    student_dir = save_model(student, tokenizer, work / "student")
+
+    trainers = {}
+    for method in methods:
+        overrides = [f"method={method}", f"student={student_dir}", f"teacher={teacher_dir}",
+                     f"data.train={data['train']}", f"data.images={data['images']}", f"output_dir={work / method}",
+                     f"batch_size={batch_size}", "max_steps=1000", "seed=0"]
+        if method == "align_ti":
+            overrides.append("irs_layer=-1")
+        if implementation != "fused" or method != "sft":
+            overrides.append(f"loss.implementation={implementation}")
+        trainer = build_trainer(load_recipe(REPO / "recipes" / "demo_student_phase2.yaml", overrides))
+        trainer.create_optimizer_and_scheduler(num_training_steps=1000)
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1  # set by Trainer's own loop, which this one replaces
+        trainers[method] = trainer
+    with_teacher = [t for t in trainers.values() if t.teacher_adapter is not None]  # renders the teacher's side too
+    loader = (with_teacher or list(trainers.values()))[0].get_train_dataloader()
+    return trainers, loader
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--methods", nargs="+", default=["sft", "emkd", "kd", "align_ti"])
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--implementation", choices=("fused", "naive"), default="fused")
+    parser.add_argument("--json", type=str, default=None, help="also write the results here")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trainers, loader = build(args.methods, Path(tmp), args.batch_size, args.implementation)
+        batches = iter(loader)
+        times: dict[str, list[float]] = {m: [] for m in args.methods}
+        for step in range(args.warmup + args.steps):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                batches = iter(loader)
+                batch = next(batches)
+            for method, trainer in trainers.items():
+                start = time.perf_counter()
+                trainer.training_step(trainer.model, batch)
+                trainer.optimizer.step()
+                trainer.optimizer.zero_grad()
+                if step >= args.warmup:
+                    times[method].append(time.perf_counter() - start)
+            print(f"step {step + 1}/{args.warmup + args.steps}" + ("" if step >= args.warmup else " (warm-up)"),
+                  flush=True)
+
+    median = {m: statistics.median(t) for m, t in times.items()}
+    print(f"\nmedian step time, batch {args.batch_size}, {args.steps} steps, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, losses {args.implementation}:")
+    for method, value in median.items():
+        print(f"  {method:9s} {value * 1000:8.1f} ms")
+    ratios = {}
+    for num, den in (("emkd", "sft"), ("align_ti", "kd"), ("kd", "sft"), ("llava_kd", "sft")):
+        if num in median and den in median:
+            ratios[f"{num}/{den}"] = median[num] / median[den]
+            print(f"  {num} / {den}: {ratios[f'{num}/{den}']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"median_s": median, "ratios": ratios, "times_s": times}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
