@@ -396,3 +396,24 @@ def test_irs_needs_two_samples_with_equal_vision_tokens(workspace, student, llav
     _, batch = _pair_batch(workspace, student, llava, indices=[0])
     with pytest.raises(ValueError, match="two samples with the same number of vision tokens"):
         compute_irs(llava, [batch["teacher"]])
+
+
+@pytest.mark.parametrize("kind", ["student", "llava"])
+def test_ivas_attention_from_the_augmented_pass_equals_a_normal_pass(workspace, student, sharp_llava, kind):
+    """The teacher runs once per step: IVA's weights read from its augmented pass (ground-truth rows, original
+    columns) are those of a normal pass, because the ribbon mask gives candidates exactly zero weight there."""
+    teacher = sharp_llava if kind == "llava" else _teacher(workspace, "student")
+    _, batch = _pair_batch(workspace, student, teacher)
+    out = tpa_losses(student, teacher, batch, num_candidates=2, generator=torch.Generator().manual_seed(0),
+                     teacher_attention_layer=-1)
+    with torch.no_grad():
+        normal = teacher(batch["teacher"], attention_layer=-1)
+    t = normal.inputs
+    mask = t.attention_mask.bool()
+    pair = mask[:, :, None] & mask[:, None, :]
+    torch.testing.assert_close(out["teacher_attention"][pair], normal.attention[pair], atol=1e-5, rtol=1e-4)
+    got = instruction_vision_attention(out["teacher_attention"], t.vision_mask, t.instruction_mask)
+    want = instruction_vision_attention(normal.attention, t.vision_mask, t.instruction_mask)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out["teacher"].hidden[mask], t.hidden[mask], atol=1e-4, rtol=1e-4)

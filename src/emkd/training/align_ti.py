@@ -6,25 +6,22 @@ runs models and lines tensors up.
 
 One step (:func:`align_ti_step`) runs
 
-1. the teacher on the ORIGINAL batch, recording the head-averaged attention of layer ``iva_layer`` (eager
-   attention for that call), which gives IVA its weights ``a_{l*}(x)`` and its teacher vision logits;
-2. the student on the original batch, without gradient, to sample ``d`` candidates ``c_k^(1..d)`` for every
+1. the student on the original batch, without gradient, to sample ``d`` candidates ``c_k^(1..d)`` for every
    supervised response token ``y_k`` from the student's distribution at the position that predicts ``y_k``
    (:func:`sample_candidates`);
-3. the student (with gradient) and the teacher (without) on the AUGMENTED batch (:func:`build_tpa_batch`)::
+2. the student (with gradient) and the teacher (without) on the AUGMENTED batch (:func:`build_tpa_batch`)::
 
        [prefix, c_1^(1..d), y_1, c_2^(1..d), y_2, ..., c_L^(1..d), y_L]
 
-   under the ribbon mask, fed as an additive float 4D mask with the ribbon position ids.
+   under the ribbon mask, fed as an additive float 4D mask with the ribbon position ids. The teacher's pass records
+   the head-averaged attention of layer ``iva_layer`` (eager attention for that call).
 
-So the teacher runs twice (original with attention for IVA, augmented for KD/TPA) and the student twice (sampling
-without gradient, augmented with gradient), as Table 13 of the paper counts for the student. The ribbon mask makes
-every ground-truth token see exactly its original context at its original position id, so the augmented pass's
-hidden states at ground-truth tokens equal those of a normal pass (tests pin it to float tolerance). The student's
-CE and IVA, and KD, are therefore read from the augmented pass at the ground-truth tokens (the "original view",
-gathered through ``index_map``); the teacher's IVA inputs come from its normal pass. (The teacher's IVA attention
-could be read from the augmented pass as well, since a ground-truth query gives candidates exactly zero weight;
-that would save the teacher's normal pass but needs eager attention over the longer augmented sequence. Not done.)
+So the teacher runs once and the student twice (sampling without gradient, augmented with gradient), as Table 13 of
+the paper counts for the student. The ribbon mask makes every ground-truth token see exactly its original context at
+its original position id, and gives every candidate exactly zero weight from a ground-truth query, so the augmented
+pass's hidden states and attention rows at ground-truth tokens equal those of a normal pass (tests pin it to float
+tolerance). CE, IVA (weights ``a_{l*}(x)`` and vision logits of both models) and KD are therefore read from the
+augmented passes at the ground-truth tokens (the "original view", gathered through ``index_map``).
 
 Layout choices (the SPEC is silent on them):
 
@@ -61,7 +58,9 @@ from emkd.losses.response import cross_entropy, mean_or_zero
 from emkd.models.base import DistillAdapter
 from emkd.models.student_side import IMAGE_KEYS as STUDENT_IMAGE_KEYS
 from emkd.models.student_side import EfficientMLLMAdapter
+from emkd.models.student_side import recorded_attention as recorded_student_attention
 from emkd.models.teachers import HFTeacherAdapter
+from emkd.models.teachers import recorded_attention as recorded_teacher_attention
 
 SAMPLINGS = ("nucleus", "greedy")
 # config attributes that hold ids of vision placeholders; none of them may be sampled as a candidate
@@ -314,7 +313,25 @@ def augmented_hidden(
     as it is; "sdpa" and "eager" both add it to the scores) and the ribbon ids as ``position_ids``. Gradients flow
     as the caller's autograd mode says; ``model`` replaces the adapter's model for the forward (a DDP wrapper).
     """
+    return augmented_pass(adapter, aug, model)[0]
+
+
+def augmented_pass(
+    adapter: DistillAdapter, aug: dict[str, Any], model: torch.nn.Module | None = None,
+    attention_layer: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`augmented_hidden`, plus the head-averaged attention ``[B, T, T]`` of decoder layer ``attention_layer``
+    (eager attention for the call) when one is asked for."""
     check_tpa_support(adapter)
+    if attention_layer is None:
+        return _augmented_forward(adapter, aug, model), None
+    recorder = recorded_student_attention if isinstance(adapter, EfficientMLLMAdapter) else recorded_teacher_attention
+    with recorder(adapter.model, attention_layer) as record:
+        hidden = _augmented_forward(adapter, aug, model)
+    return hidden, record["attention"]
+
+
+def _augmented_forward(adapter: DistillAdapter, aug: dict[str, Any], model: torch.nn.Module | None) -> torch.Tensor:
     if isinstance(adapter, EfficientMLLMAdapter):
         runner = adapter.model if model is None else model
         dtype = adapter.model.get_input_embeddings().weight.dtype
@@ -336,6 +353,14 @@ def augmented_hidden(
     runner = adapter.model if model is None else model
     out = runner(**inputs, output_hidden_states=[-1], use_cache=False, return_dict=True, logits_to_keep=1)
     return out.hidden_states[-1]  # (B, T, D), the final-norm output
+
+
+def _gather_attention(attention: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``attention[b, index[b, i], index[b, j]]``: ``[B, T, T]`` and ``[B, L]`` -> ``[B, L, L]``."""
+    index = index.to(attention.device)
+    B, L = index.shape
+    rows = attention.gather(1, index[..., None].expand(B, L, attention.shape[-1]))  # (B, L, T)
+    return rows.gather(2, index[:, None, :].expand(B, L, L))  # (B, L, L)
 
 
 def _gather_positions(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -392,6 +417,7 @@ def tpa_losses(
     temperature: float = 1.0,
     vocab: str = "strict",
     implementation: str = "fused",
+    teacher_attention_layer: int | None = None,
 ) -> dict[str, Any]:
     """KD and TPA of Align-TI (Eq. 5-7, Algorithm 1) with one sampling pass and one augmented pass per model.
 
@@ -404,6 +430,10 @@ def tpa_losses(
         vocab: ``"strict"`` or ``"crop"`` (SPEC §1).
         implementation: ``"fused"`` (CE, KD and TPA over vocabulary chunks, no ``[R (d + 1), V]`` logits) or
             ``"naive"`` (full logits, the reference).
+        teacher_attention_layer: also record the teacher's head-averaged attention of this decoder layer in its
+            augmented pass, returned in the original layout as ``teacher_attention`` ``[B, L, L]`` (IVA's
+            weights: a ground-truth query gives every candidate exactly zero weight, so these rows equal a normal
+            pass's).
 
     Returns:
         ``kd``: mean ``KL(p_t || p_s)`` over response positions (teacher-forced, from the augmented passes);
@@ -444,7 +474,7 @@ def tpa_losses(
     t_aug = build_tpa_batch(t_side, list(per_sample), num_candidates, pad_token_id=pad_id)
     h_s = augmented_hidden(student_adapter, s_aug, model=student_model)  # (B, Ts, Ds)
     with torch.no_grad():
-        h_t = augmented_hidden(teacher_adapter, t_aug)  # (B, Tt, Dt)
+        h_t, att_t = augmented_pass(teacher_adapter, t_aug, attention_layer=teacher_attention_layer)  # (B, Tt, Dt)
 
     # 3. ground-truth tokens: the original layout, validated like every loss input
     student, teacher = check_pair(
@@ -476,6 +506,7 @@ def tpa_losses(
         kd = mean_or_zero(forward_kl(z_s, z_t, temperature), h_s)
         tpa = mean_or_zero(forward_kl(student.logits(c_s), zc_t, temperature), h_s)
     return {
+        "teacher_attention": None if att_t is None else _gather_attention(att_t, t_aug["index_map"]),
         "kd": kd,
         "tpa": tpa,
         "ce": ce,
@@ -514,8 +545,8 @@ def align_ti_step(
             :func:`tpa_losses`.
         iva_matching: pairing of unbalanced vision tokens for IVA (:func:`~emkd.losses.align_ti.iva_loss`).
 
-    IVA's weights ``a_{l*}(x)`` and teacher vision logits come from the teacher's normal pass (eager attention for
-    that call); the student's vision logits, CE, KD and TPA from the augmented passes (see the module docstring). A
+    Everything is read from the augmented passes at the ground-truth tokens, IVA's weights ``a_{l*}(x)`` from the
+    teacher's (eager attention for that call); see the module docstring. A
     sample without instruction tokens (e.g. the ``plain`` template) gets zero IVA weights: it adds 0 to the IVA mean.
 
     Returns:
@@ -525,17 +556,14 @@ def align_ti_step(
     t_side = batch["teacher"]
     if t_side.get("instruction_mask") is None:
         raise ValueError("align_ti_step needs batch['teacher']['instruction_mask'] (IVA's instruction tokens)")
-    with torch.no_grad():
-        t_out = teacher_adapter(t_side, attention_layer=iva_layer)
-    teacher = t_out.inputs.detached()
-    weights = instruction_vision_attention(t_out.attention, teacher.vision_mask, teacher.instruction_mask)
-    n_t = teacher.vision_mask.sum(1)
-    weights = [w if w.numel() else torch.zeros(int(n_t[b]), device=w.device) for b, w in enumerate(weights)]
-
     parts = tpa_losses(
         student_adapter, teacher_adapter, batch, num_candidates, sampling, top_p, generator, student_model,
-        temperature, vocab, implementation,
+        temperature, vocab, implementation, teacher_attention_layer=iva_layer,
     )
+    teacher = parts["teacher"]
+    weights = instruction_vision_attention(parts["teacher_attention"], teacher.vision_mask, teacher.instruction_mask)
+    n_t = teacher.vision_mask.sum(1)
+    weights = [w if w.numel() else torch.zeros(int(n_t[b]), device=w.device) for b, w in enumerate(weights)]
     iva, matches = iva_loss(parts["student"], teacher, weights, iva_matching, temperature, vocab, implementation)
     loss = parts["ce"] + iva + parts["kd"] + parts["tpa"]
     components = {
