@@ -2,6 +2,7 @@
 
     python benchmarks/step_bench.py                  # 20 timed steps per method after 3 warm-up steps
     python benchmarks/step_bench.py --steps 40 --methods sft emkd kd align_ti llava_kd rkl
+    python benchmarks/step_bench.py --methods sft emkd emkd+cache kd+cache    # teacher read from `emkd cache-teacher`
 
 Everything is the demo's (``emkd.demo.pipeline``): the shipped teacher (64 vision tokens, LLM 128 x 4), a freshly
 initialised student (2 x 2 pooling to 16 tokens, LLM 128 x 2), batches of 32 records of the demo data (easy-VQA and
@@ -40,22 +41,33 @@ def build(methods: list[str], work: Path, batch_size: int, implementation: str):
     student.vision_tower.load_state_dict(teacher.vision_tower.state_dict())
     student_dir = save_model(student, tokenizer, work / "student")
 
+    cache = None
+    if any(m.endswith("+cache") for m in methods):
+        from emkd.training.teacher_cache import cache_teacher
+
+        cache = work / "teacher-cache"
+        cache_teacher(teacher_dir, data["train"], data["images"], cache, max_length=256, batch_size=16, progress=False)
+
     trainers = {}
-    for method in methods:
+    for name in methods:
+        method = name.removesuffix("+cache")
         overrides = [f"method={method}", f"student={student_dir}", f"teacher={teacher_dir}",
-                     f"data.train={data['train']}", f"data.images={data['images']}", f"output_dir={work / method}",
+                     f"data.train={data['train']}", f"data.images={data['images']}", f"output_dir={work / name}",
                      f"batch_size={batch_size}", "max_steps=1000", "seed=0"]
         if method == "align_ti":
             overrides.append("irs_layer=-1")
         if implementation != "fused" or method != "sft":
             overrides.append(f"loss.implementation={implementation}")
+        if name.endswith("+cache"):
+            overrides.append(f"teacher_cache={cache}")
         trainer = build_trainer(load_recipe(REPO / "recipes" / "demo_student_phase2.yaml", overrides))
         trainer.create_optimizer_and_scheduler(num_training_steps=1000)
         trainer.model.train()
         trainer.current_gradient_accumulation_steps = 1  # set by Trainer's own loop, which this one replaces
-        trainers[method] = trainer
-    with_teacher = [t for t in trainers.values() if t.teacher_adapter is not None]  # renders the teacher's side too
-    loader = (with_teacher or list(trainers.values()))[0].get_train_dataloader()
+        trainers[name] = trainer
+    # a loader that renders the teacher's side and carries dataset indices serves every method
+    richest = sorted(trainers, key=lambda n: (trainers[n].teacher_adapter is not None, n.endswith("+cache")))[-1]
+    loader = trainers[richest].get_train_dataloader()
     return trainers, loader
 
 
@@ -95,7 +107,8 @@ def main() -> None:
     for method, value in median.items():
         print(f"  {method:9s} {value * 1000:8.1f} ms")
     ratios = {}
-    for num, den in (("emkd", "sft"), ("align_ti", "kd"), ("kd", "sft"), ("llava_kd", "sft")):
+    for num, den in (("emkd", "sft"), ("align_ti", "kd"), ("kd", "sft"), ("llava_kd", "sft"), ("emkd", "kd"),
+                     ("emkd+cache", "sft"), ("kd+cache", "sft")):
         if num in median and den in median:
             ratios[f"{num}/{den}"] = median[num] / median[den]
             print(f"  {num} / {den}: {ratios[f'{num}/{den}']:.2f}x")

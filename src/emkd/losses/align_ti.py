@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 
@@ -160,22 +161,25 @@ def ribbon_attention_mask(
             f"ribbon_attention_mask needs non-negative sizes, got prefix_len={prefix_len}, "
             f"response_len={response_len}, num_candidates={num_candidates}"
         )
-    P, L, d = prefix_len, response_len, num_candidates
+    allowed, position_ids = _ribbon(prefix_len, response_len, num_candidates)
+    return allowed.clone(), position_ids.clone()
+
+
+@functools.lru_cache(maxsize=1024)
+def _ribbon(P: int, L: int, d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`ribbon_attention_mask`, built without Python loops and cached by size (a batch repeats sizes)."""
     T = P + L * (d + 1)
     allowed = torch.zeros(T, T, dtype=torch.bool)
     allowed[:P, :P] = torch.tril(torch.ones(P, P, dtype=torch.bool))
     allowed[P:, :P] = True
-    position_ids = torch.empty(T, dtype=torch.long)
-    position_ids[:P] = torch.arange(P)
-    gt = P + torch.arange(L) * (d + 1) + d  # index of y_k, k = 1..L
-    for k in range(L):
-        start = P + k * (d + 1)
-        position_ids[start : start + d + 1] = P + k
-        allowed[gt[k], gt[: k + 1]] = True  # y_k sees y_1..y_k
-        for u in range(d):
-            q = start + u
-            allowed[q, gt[:k]] = True  # c_k^(u) sees y_1..y_{k-1}
-            allowed[q, q] = True  # and itself
+    k = torch.arange(L)
+    gt = P + k * (d + 1) + d  # (L,) index of y_k
+    cand = P + k[:, None] * (d + 1) + torch.arange(d)[None, :]  # (L, d) index of c_k^(u)
+    earlier = k[None, :] < k[:, None]  # (L, L): [k, j] is j < k
+    allowed[gt[:, None], gt[None, :]] = earlier | torch.eye(L, dtype=torch.bool)  # y_k sees y_1..y_k
+    allowed[cand.reshape(-1)[:, None], gt[None, :]] = earlier.repeat_interleave(d, dim=0)  # c_k^(u) sees y_<k
+    allowed[cand.reshape(-1), cand.reshape(-1)] = True  # and itself
+    position_ids = torch.cat([torch.arange(P), P + k.repeat_interleave(d + 1)])
     return allowed, position_ids
 
 

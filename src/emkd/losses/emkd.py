@@ -56,10 +56,29 @@ def vlad_term(pairs: VisionPairs, text_s: torch.Tensor, text_t: torch.Tensor) ->
     Returns:
         ``mean_{m,k} SmoothL1_{beta=1}(A_s[m, k] - A_t[m, k])`` with ``A = cos(vision_m, text_k)``.
     """
-    a_s = F.normalize(pairs.student_hidden.float(), dim=-1, eps=1e-8) @ F.normalize(text_s.float(), dim=-1, eps=1e-8).T
+    return vlad_terms([pairs], [text_s], [text_t])[0]
+
+
+def vlad_terms(
+    pairs: list[VisionPairs], texts_s: list[torch.Tensor], texts_t: list[torch.Tensor]
+) -> torch.Tensor:
+    """:func:`vlad_term` of ``n`` samples at once -> ``[n]``: the samples' pairs and text tokens are zero-padded to
+    ``[n, M_max, D]`` and ``[n, K_max, D]``, and each sample's smooth L1 is averaged over its own ``M_b x K_b``
+    entries (one batched product instead of one small graph per sample). Every sample needs ``K_b > 0``."""
+    def padded(rows: list[torch.Tensor]) -> torch.Tensor:
+        return F.normalize(torch.nn.utils.rnn.pad_sequence([r.float() for r in rows], batch_first=True), dim=-1,
+                           eps=1e-8)
+
+    m = torch.tensor([p.size for p in pairs], device=texts_s[0].device)  # (n,)
+    k = torch.tensor([t.shape[0] for t in texts_s], device=texts_s[0].device)  # (n,)
+    a_s = padded([p.student_hidden for p in pairs]) @ padded(texts_s).transpose(1, 2)  # (n, M_max, K_max)
     with torch.no_grad():
-        a_t = F.normalize(pairs.teacher_hidden.float(), dim=-1, eps=1e-8) @ F.normalize(text_t.float(), dim=-1, eps=1e-8).T
-    return F.smooth_l1_loss(a_s, a_t, beta=1.0)  # (M, K) -> mean
+        a_t = padded([p.teacher_hidden for p in pairs]) @ padded(texts_t).transpose(1, 2)  # (n, M_max, K_max)
+        rows = torch.arange(a_s.shape[1], device=m.device)[None, :] < m[:, None]  # (n, M_max)
+        cols = torch.arange(a_s.shape[2], device=m.device)[None, :] < k[:, None]  # (n, K_max)
+        real = rows[:, :, None] & cols[:, None, :]  # (n, M_max, K_max)
+    loss = F.smooth_l1_loss(a_s, a_t, beta=1.0, reduction="none") * real  # (n, M_max, K_max)
+    return loss.sum(dim=(1, 2)) / (m * k)  # (n,)
 
 
 class EMKDLoss(torch.nn.Module):
@@ -125,7 +144,7 @@ class EMKDLoss(torch.nn.Module):
 
         # Matching and VLAD, per sample.
         pairs_by_sample: list[VisionPairs] = []
-        vlad_terms, matches = [], []
+        vlad_inputs, matches = [], []
         paired = pair_batch(student, teacher, self.matching, self.implementation, self.chunk_size)
         for b, pairs in enumerate(paired):
             if pairs is None:
@@ -136,8 +155,8 @@ class EMKDLoss(torch.nn.Module):
             matches.append((pairs.idx_s, pairs.idx_t))
             text_s, text_t = student.text_tokens(b), teacher.text_tokens(b)
             if text_s.shape[0] > 0:
-                vlad_terms.append(vlad_term(pairs, text_s, text_t))
-        vlad = torch.stack(vlad_terms).mean() if vlad_terms else zero_like_graph(anchor)
+                vlad_inputs.append((pairs, text_s, text_t))
+        vlad = vlad_terms(*map(list, zip(*vlad_inputs))).mean() if vlad_inputs else zero_like_graph(anchor)
 
         if self.implementation == "fused":
             sup, rld, vsd = self._fused_logit_terms(student, teacher, pairs_by_sample, projector)
