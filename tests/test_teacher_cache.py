@@ -180,6 +180,24 @@ def test_a_cache_of_other_data_is_refused(ws, models):
         cached(PairCollator(side, cached.side)([swapped[1]])["teacher"])
 
 
+def test_a_cache_of_other_teacher_weights_is_refused(ws, models, tmp_path):
+    """Same architecture and config, other weights: the fingerprint covers the weight files too."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    cached = load_cached_teacher(ws["cache"], ws["teacher"])
+    other = tmp_path / "other_teacher"
+    shutil.copytree(ws["teacher"], other)
+    weights = load_file(str(other / "model.safetensors"))
+    name = next(iter(weights))
+    weights[name] = weights[name] + 1.0
+    save_file(weights, str(other / "model.safetensors"), metadata={"format": "pt"})
+    cached.cache.check_teacher(ws["teacher"])
+    with pytest.raises(ValueError, match="different teacher"):
+        cached.cache.check_teacher(other)
+
+
 def test_a_cache_of_another_max_length_is_refused(ws, models):
     cached = load_cached_teacher(ws["cache"])
     lengths = ws["index"]["samples"]["length"]

@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("reproduce", help="the analogues of EM-KD Tables 2 and 3 over seeds -> docs/results.md")
     rep.add_argument("--out", default="runs/reproduce")
     rep.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    rep.add_argument("--steps", type=int, default=300, help="phase-2 steps per run")
+    rep.add_argument("--steps", type=int, default=250, help="phase-2 steps per run")
     rep.add_argument("--results", default="docs/results.md", help="markdown file the tables are written to")
     rep.add_argument("--quick", action="store_true", help="a tiny budget, to check the pipeline")
     rep.set_defaults(func=_run_reproduce)

@@ -89,11 +89,16 @@ def ids_digest(ids: torch.Tensor) -> str:
 
 
 def teacher_fingerprint(teacher_dir: str | os.PathLike) -> str:
-    """SHA-256 of the teacher checkpoint's ``config.json``."""
+    """SHA-256 over the teacher checkpoint's ``config.json`` and every weight file (``*.safetensors``, ``*.bin``),
+    so that a cache of other weights with the same architecture is told apart."""
     config = Path(teacher_dir) / "config.json"
     if not config.is_file():
         raise FileNotFoundError(f"{config} not found; a teacher is a local checkpoint directory")
-    return file_sha256(config)
+    digest = hashlib.sha256(file_sha256(config).encode())
+    for weights in sorted(Path(teacher_dir).glob("*.safetensors")) + sorted(Path(teacher_dir).glob("*.bin")):
+        if weights.name != "training_args.bin":
+            digest.update(f"{weights.name}:{file_sha256(weights)}".encode())
+    return digest.hexdigest()
 
 
 def _data_identity(path: str | os.PathLike) -> dict[str, Any]:
@@ -371,14 +376,13 @@ class TeacherCache:
 
     # ---- checks -----------------------------------------------------------------------------------------------
     def check_teacher(self, teacher_dir: str | os.PathLike) -> None:
-        """Raise ``ValueError`` when ``teacher_dir``'s ``config.json`` is not the one the cache was built with."""
+        """Raise ``ValueError`` when ``teacher_dir``'s config or weights are not those the cache was built with."""
         found = teacher_fingerprint(teacher_dir)
         expected = self.index["teacher"]["config_sha256"]
         if found != expected:
             raise ValueError(
-                f"teacher cache {self.path} was built from the teacher in {self.index['teacher']['dir']} (config.json "
-                f"sha256 {expected[:12]}...), but {Path(teacher_dir) / 'config.json'} has sha256 {found[:12]}...: a "
-                "different teacher"
+                f"teacher cache {self.path} was built from the teacher in {self.index['teacher']['dir']} (config and "
+                f"weights sha256 {expected[:12]}...), but {teacher_dir} has {found[:12]}...: a different teacher"
             )
 
     def check_dataset(self, dataset: PairDataset) -> None:
