@@ -10,11 +10,12 @@ share a block, and lets them fall anywhere on the 8 px cell grid, so some sample
 
 * ``grid``: a checkerboard of 8 px cells with two small squares in adjacent cells; "what color is the left (right,
   top, bottom) square?" (6 colours). Inside one block (4/7 of samples), swapping the colours keeps the pooled view.
-* ``ocr``: a two-digit number (digits 1-4, distinct: 12 answers), one DejaVu Sans digit per 8 px cell column; "what
-  number is written?". Inside one block (4/7), "31" and "13" have the same pooled view.
-* ``chart``: four labelled bars A-D in consecutive cell columns, heights 1-6 cells; "how tall is bar C?" (1-6) or
-  "which bar is tallest?" (A-D). Swapping the heights of two bars of one block keeps the pooled view.
-* ``counting``: 1-6 dots on black, one per cell, all of an image at the same place in their cells; the dots of a
+* ``ocr``: a two-digit number (digits 1-4, distinct: 12 answers), dark on light, each DejaVu Sans digit inside one
+  8 px cell of a cell row, both shifted alike by up to 2 px; "what number is written?". Inside one block (4/7), "31"
+  and "13" have the same pooled view.
+* ``chart``: four labelled blue bars A-D in consecutive cell columns, heights 1-6 cells; "how tall is bar C?" (1-6)
+  or "which bar is tallest?" (A-D). Swapping the heights of two bars of one block keeps the pooled view.
+* ``counting``: 1-6 dots on black, one centred in each of their cells; the dots of a
   block share the block's ink (a colour drawn for the block, divided by its number of dots). The pooled view shows
   each occupied block's ink, the same whether one dot or four hold it; dots cluster (``COUNT_CLUSTER``), so 57% of
   samples have a block with two or more, and a pooled student can at best guess the count from the number of
@@ -25,7 +26,9 @@ survives pooling. For grid, ocr and chart the twin is a swap that the generator 
 sample, so on these samples any pooled student, however trained, can do no better than a coin flip between two
 answers; the teacher tells them apart from one or two of its 64 tokens. The other samples keep the answer in the
 pooled tokens, but only as layout across tokens, which is where a better-trained student can gain. Easy-VQA (one
-large shape per image) survives pooling and is the control.
+large shape per image) survives pooling and is the control. Every fine-grained family asks one question per kind,
+in one style of drawing (data version 2): the demo's tiny teacher learns grid, chart and counting above chance
+within its training budget, and varied phrasings, inks and offsets kept it at chance.
 
 Records are LLaVA JSON: ``{"id", "image", "category", "conversations", "meta"}``, the image path relative to the
 images root; ``meta`` holds what draws the image and poses the question (``render(meta)`` redraws the saved image
@@ -54,7 +57,7 @@ SIZE = 64  # image side, px
 PATCH = 8  # teacher patch side, px
 POOL = 2  # the student pools POOL x POOL patch tokens into one
 CELLS = SIZE // PATCH  # 8 patch cells per side
-DATA_VERSION = 1  # bump when any generator changes its output; invalidates cached builds
+DATA_VERSION = 2  # bump when any generator changes its output; invalidates cached builds
 
 FAMILY_GROUPS = {
     "general": "General",
@@ -170,9 +173,9 @@ COUNT_INKS = (  # a block's total colour; channels are multiples of 12, so ink /
     (252, 144, 0),
     (252, 252, 252),
 )
-COUNT_RADII = (2.0, 2.5, 3.0)
+COUNT_RADIUS = 3.0
 COUNT_CLUSTER = 0.3  # probability that a dot joins a block that already has one (pooled student's ceiling ~49%)
-COUNT_QUESTIONS = ("how many dots are there?", "how many dots are in the image?")
+COUNT_QUESTION = "how many dots are there?"
 
 
 @functools.lru_cache(maxsize=None)
@@ -193,9 +196,6 @@ def _block_cells(block: tuple[int, int]) -> list[tuple[int, int]]:
 
 def _counting_sample(rng: np.random.Generator, answer: str) -> dict:
     n = int(answer)
-    radius = _pick(rng, COUNT_RADII)
-    reach = int(4 - radius)  # the disk stays inside its cell
-    dx, dy = (int(v) for v in rng.integers(-reach, reach + 1, size=2))
     taken: list[tuple[int, int]] = []
     for _ in range(n):
         near = [c for b in dict.fromkeys(_block(*t) for t in taken) for c in _block_cells(b) if c not in taken]
@@ -205,7 +205,7 @@ def _counting_sample(rng: np.random.Generator, answer: str) -> dict:
             free = [(r, c) for r in range(CELLS) for c in range(CELLS) if (r, c) not in taken]
             taken.append(free[int(rng.integers(len(free)))])
     inks = {b: _pick(rng, COUNT_INKS) for b in sorted({_block(*t) for t in taken})}
-    return {"radius": radius, "offset": [dx, dy], "dots": _ink_dots(sorted(taken), inks), "q": int(rng.integers(2))}
+    return {"dots": _ink_dots(sorted(taken), inks)}
 
 
 def _ink_dots(cells: list[tuple[int, int]], inks: dict[tuple[int, int], tuple[int, ...]]) -> list[list]:
@@ -216,7 +216,7 @@ def _ink_dots(cells: list[tuple[int, int]], inks: dict[tuple[int, int], tuple[in
 
 def _counting_render(meta: dict) -> np.ndarray:
     canvas = np.zeros((SIZE, SIZE, 3), np.float32)
-    mask = _dot(meta["radius"], *meta["offset"])
+    mask = _dot(COUNT_RADIUS, 0, 0)
     for row, col, color in meta["dots"]:
         _paint(canvas, mask, row * PATCH, col * PATCH, color)
     return _to_uint8(canvas)
@@ -239,40 +239,37 @@ COUNTING = Family(
     answers=tuple(str(n) for n in range(1, 7)),
     sample=_counting_sample,
     render=_counting_render,
-    question=lambda meta: COUNT_QUESTIONS[meta["q"]],
+    question=lambda meta: COUNT_QUESTION,
     answer=lambda meta: str(len(meta["dots"])),
     caption=lambda meta: f"{NUMBER_WORDS[len(meta['dots'])]} dot{'s' if len(meta['dots']) > 1 else ''}",
     twin=_counting_twin,
 )
 
 
-# ocr: a two-digit number, one digit per 8 px cell column ------------------------------------------------------------
+# ocr: a two-digit number, each digit inside one 8 px cell ----------------------------------------------------------
 OCR_DIGITS = "1234"
-OCR_SIZES = (11, 12)  # DejaVu Sans digits are 5-7 px wide and 8-9 px tall at these sizes
-OCR_QUESTIONS = ("what number is written?", "what number is shown?")
+OCR_SIZE = 10  # DejaVu Sans digits are 5-6 px wide and 7 px tall at this size: one digit fits one cell
+OCR_INK, OCR_PAPER = (20, 20, 20), (245, 245, 245)
+OCR_QUESTION = "what number is written?"
 
 
 def _ocr_sample(rng: np.random.Generator, answer: str) -> dict:
-    size = _pick(rng, OCR_SIZES)
-    height = max(_glyph(d, size).shape[0] for d in answer)
     return {
         "number": answer,
-        "size": size,
         "column": int(rng.integers(0, CELLS - 1)),  # the first digit's cell column
-        "y": int(rng.integers(0, SIZE - height + 1)),  # top of the digits, px
-        "color": [int(v) for v in rng.integers(0, 90, size=3)],
-        "background": [int(v) for v in rng.integers(200, 256, size=3)],
-        "q": int(rng.integers(len(OCR_QUESTIONS))),
+        "row": int(rng.integers(0, CELLS)),  # the digits' cell row
+        "shift": [int(rng.integers(0, 3)), int(rng.integers(0, 2))],  # (x, y) px, the same inside both cells
     }
 
 
 def _ocr_render(meta: dict) -> np.ndarray:
     canvas = np.empty((SIZE, SIZE, 3), np.float32)
-    canvas[:] = meta["background"]
+    canvas[:] = OCR_PAPER
     for i, digit in enumerate(meta["number"]):
-        mask = _glyph(digit, meta["size"])
-        x = (meta["column"] + i) * PATCH + (PATCH - mask.shape[1]) // 2  # centred in its own 8 px column
-        _paint(canvas, mask, meta["y"], x, meta["color"])
+        mask = _glyph(digit, OCR_SIZE)
+        x = (meta["column"] + i) * PATCH + meta["shift"][0]
+        y = meta["row"] * PATCH + meta["shift"][1]
+        _paint(canvas, mask, y, x, OCR_INK)
     return _to_uint8(canvas)
 
 
@@ -281,7 +278,7 @@ OCR = Family(
     answers=tuple(a + b for a in OCR_DIGITS for b in OCR_DIGITS if a != b),
     sample=_ocr_sample,
     render=_ocr_render,
-    question=lambda meta: OCR_QUESTIONS[meta["q"]],
+    question=lambda meta: OCR_QUESTION,
     answer=lambda meta: meta["number"],
     caption=lambda meta: f"the number {meta['number']}",
     twin=lambda meta: {**meta, "number": meta["number"][::-1]} if meta["column"] % POOL == 0 else None,
@@ -366,10 +363,8 @@ CHART_MAX = 6  # heights 1..6 cells of 8 px, standing on the line between cell r
 CHART_BASE = (CELLS - 1) * PATCH  # y of the baseline; the labels sit in the last cell row
 CHART_COLORS = {"blue": (40, 80, 220), "red": (220, 40, 40), "green": (40, 150, 60), "black": (30, 30, 30)}
 CHART_LABEL_SIZE = 8
-CHART_QUESTIONS = {
-    "value": ("how tall is bar {bar}?", "what is the value of bar {bar}?"),
-    "tallest": ("which bar is tallest?", "which bar is the tallest?"),
-}
+CHART_WIDTH, CHART_OFFSET, CHART_COLOR = 4, 2, "blue"  # every bar: 4 px wide, 2 px into its cell
+CHART_QUESTIONS = {"value": "how tall is bar {bar}?", "tallest": "which bar is tallest?"}
 
 
 def _chart_sample(rng: np.random.Generator, answer: str) -> dict:
@@ -381,15 +376,10 @@ def _chart_sample(rng: np.random.Generator, answer: str) -> dict:
         ask = _pick(rng, CHART_BARS)
         values = [int(v) for v in rng.integers(1, CHART_MAX + 1, size=4)]
         values[CHART_BARS.index(ask)] = int(answer)
-    width = int(rng.integers(3, 6))
     return {
         "values": values,
         "column": int(rng.integers(0, CELLS - len(CHART_BARS) + 1)),  # bar A's cell column
-        "width": width,
-        "offset": int(rng.integers(0, PATCH - width + 1)),
-        "color": _pick(rng, tuple(CHART_COLORS)),
         "ask": ask,
-        "q": int(rng.integers(2)),
     }
 
 
@@ -399,8 +389,8 @@ def _chart_render(meta: dict) -> np.ndarray:
     canvas[CHART_BASE, x0 : x0 + len(CHART_BARS) * PATCH] = (120, 120, 120)  # the axis, inside the label row
     for i, (bar, value) in enumerate(zip(CHART_BARS, meta["values"])):
         x = x0 + i * PATCH
-        canvas[CHART_BASE - value * PATCH : CHART_BASE, x + meta["offset"] : x + meta["offset"] + meta["width"]] = (
-            CHART_COLORS[meta["color"]]
+        canvas[CHART_BASE - value * PATCH : CHART_BASE, x + CHART_OFFSET : x + CHART_OFFSET + CHART_WIDTH] = (
+            CHART_COLORS[CHART_COLOR]
         )
         label = _glyph(bar, CHART_LABEL_SIZE)
         _paint(canvas, label, SIZE - label.shape[0] - 1, x + (PATCH - label.shape[1]) // 2, (0, 0, 0))
@@ -416,8 +406,8 @@ def _chart_answer(meta: dict) -> str:
 
 def _chart_question(meta: dict) -> str:
     if meta["ask"] == "tallest":
-        return CHART_QUESTIONS["tallest"][meta["q"]]
-    return CHART_QUESTIONS["value"][meta["q"]].format(bar=meta["ask"])
+        return CHART_QUESTIONS["tallest"]
+    return CHART_QUESTIONS["value"].format(bar=meta["ask"])
 
 
 def _chart_twin(meta: dict) -> dict | None:

@@ -39,7 +39,7 @@ class DemoBudget:
     per_family_train: int = 2000
     per_family_test: int = 100
     teacher_phase1_steps: int = 300
-    teacher_phase2_steps: int = 700
+    teacher_phase2_steps: int = 1500
     student_phase1_steps: int = 200
     student_phase2_steps: int = 400
     batch_size: int = 32
