@@ -9,6 +9,8 @@ from emkd.losses.align_ti import (
 )
 from emkd.losses.divergence import forward_kl, jsd, reverse_kl
 from emkd.losses.emkd import EMKDLoss, EMKDOutput
+from emkd.losses.fused import fused_head_divergences, fused_head_gram
+from emkd.losses.head import head_divergences
 from emkd.losses.kd import KDLoss, KDOutput
 from emkd.losses.llava_kd import LlavaKDLoss, LlavaKDOutput
 
@@ -21,6 +23,9 @@ __all__ = [
     "LlavaKDOutput",
     "additive_attention_mask",
     "forward_kl",
+    "fused_head_divergences",
+    "fused_head_gram",
+    "head_divergences",
     "instruction_relevance_score",
     "instruction_vision_attention",
     "iva_loss",
