@@ -129,6 +129,20 @@ def test_fused_gram_matches_materialised_logits(chunk_size):
         torch.testing.assert_close(got.double() / want.abs().max(), want / want.abs().max(), rtol=0, atol=1e-5)
 
 
+def test_batched_fused_gram_equals_one_at_a_time():
+    hs, ws, bs, *_ = _inputs(n=12)
+    h = hs.float().reshape(3, 4, -1).requires_grad_()
+    w, b = ws.float().requires_grad_(), bs.float().requires_grad_()
+    upstream = torch.randn(3, 4, 4, generator=torch.Generator().manual_seed(2))
+    batched = fused_head_gram(h, w, b, chunk_size=10)
+    grads = torch.autograd.grad((batched * upstream).sum(), (h, w, b))
+    single = torch.stack([fused_head_gram(h[g], w, b, chunk_size=10) for g in range(3)])
+    ref_grads = torch.autograd.grad((single * upstream).sum(), (h, w, b))
+    torch.testing.assert_close(batched, single)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("chunk_size", [1, 50, 123, 5000])
 def test_head_l1_cost_equals_l1_cost_of_logits(chunk_size):
     hs, ws, bs, ht, wt, bt, _ = _inputs(n=9)

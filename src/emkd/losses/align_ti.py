@@ -23,7 +23,7 @@ from emkd.inputs import DistillInputs, check_pair, zero_like_graph
 from emkd.losses.divergence import forward_kl
 from emkd.losses.head import head_divergences
 from emkd.losses.llava_kd import paired_logits, resolve_matching
-from emkd.matching.pairing import pair_batch
+from emkd.matching.pairing import pair_batch, pair_indices
 
 IVA_MATCHINGS = ("auto", "identity", "hungarian_logits", "hungarian_hidden")
 
@@ -109,7 +109,7 @@ def iva_loss(
     if len(weights) != student.batch_size:
         raise ValueError(f"iva_loss needs one weight vector per sample: B={student.batch_size}, got {len(weights)}")
     n_s, n_t = student.vision_mask.sum(1), teacher.vision_mask.sum(1)
-    terms, matches = [], []
+    terms = []
     for b in range(student.batch_size):
         if weights[b].shape != (int(n_t[b]),):
             raise ValueError(
@@ -119,12 +119,7 @@ def iva_loss(
     matchings = [resolve_matching(matching, int(n_s[b]), int(n_t[b])) for b in range(student.batch_size)]
     paired = pair_batch(student, teacher, matchings, implementation, chunk_size)
     kept = [(b, pairs) for b, pairs in enumerate(paired) if pairs is not None]
-    for pairs in paired:
-        if pairs is None:
-            empty = torch.empty(0, dtype=torch.long, device=student.hidden.device)
-            matches.append((empty, empty.clone()))
-        else:
-            matches.append((pairs.idx_s, pairs.idx_t))
+    matches = pair_indices(paired, student.hidden.device)
     if implementation == "fused" and kept:  # every sample's pairs in one chunked pass over the heads
         rows = head_divergences(
             student, torch.cat([p.student_hidden for _, p in kept]), teacher, torch.cat([p.teacher_hidden for _, p in kept]),

@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from emkd.chunking import DEFAULT_CHUNK_SIZE, check_implementation
-from emkd.inputs import IGNORE_INDEX, VOCAB_POLICIES, DistillInputs, check_pair, zero_like_graph
+from emkd.inputs import VOCAB_POLICIES, DistillInputs, check_pair, zero_like_graph
 from emkd.losses.divergence import reverse_kl
-from emkd.losses.head import head_divergences
+from emkd.losses.head import response_and_row_divergences
 from emkd.losses.response import cross_entropy, mean_or_zero, response_logits
-from emkd.matching.pairing import MATCHINGS, VisionPairs, pair_batch
+from emkd.matching.pairing import MATCHINGS, VisionPairs, pair_batch, pair_indices
 
 VSD_TARGETS = ("logits", "hidden")
 
@@ -143,18 +143,13 @@ class EMKDLoss(torch.nn.Module):
         anchor = student.hidden
 
         # Matching and VLAD, per sample.
-        pairs_by_sample: list[VisionPairs] = []
-        vlad_inputs, matches = [], []
         paired = pair_batch(student, teacher, self.matching, self.implementation, self.chunk_size)
+        matches = pair_indices(paired, anchor.device)
+        pairs_by_sample = [pairs for pairs in paired if pairs is not None]
+        vlad_inputs = []
         for b, pairs in enumerate(paired):
-            if pairs is None:
-                empty = torch.empty(0, dtype=torch.long, device=anchor.device)
-                matches.append((empty, empty.clone()))
-                continue
-            pairs_by_sample.append(pairs)
-            matches.append((pairs.idx_s, pairs.idx_t))
             text_s, text_t = student.text_tokens(b), teacher.text_tokens(b)
-            if text_s.shape[0] > 0:
+            if pairs is not None and text_s.shape[0] > 0:
                 vlad_inputs.append((pairs, text_s, text_t))
         vlad = vlad_terms(*map(list, zip(*vlad_inputs))).mean() if vlad_inputs else zero_like_graph(anchor)
 
@@ -180,24 +175,17 @@ class EMKDLoss(torch.nn.Module):
         """SUP, RLD and (for logit VSD) VSD from one chunked pass over the heads: the response rows and every
         sample's matched vision rows are stacked, CE is read on the former and reverse KL on all."""
         anchor = student.hidden
-        hs, ht = [student.response_hidden()], [teacher.response_hidden()]  # (R, Ds), (R, Dt)
-        targets = [student.response_targets]  # (R,)
-        num_responses = int(targets[0].numel())
-        if self.vsd_target == "logits":
-            for pairs in pairs_by_sample:
-                hs.append(pairs.student_hidden)
-                ht.append(pairs.teacher_hidden)
-                targets.append(torch.full((pairs.size,), IGNORE_INDEX, dtype=torch.long, device=anchor.device))
-        rows = head_divergences(
-            student, torch.cat(hs), teacher, torch.cat(ht), ("ce", "reverse"), self.temperature, torch.cat(targets),
-            implementation="fused", chunk_size=self.chunk_size,
+        vision = pairs_by_sample if self.vsd_target == "logits" else []
+        response, vision_rows = response_and_row_divergences(
+            student, teacher, [p.student_hidden for p in vision], [p.teacher_hidden for p in vision], "reverse",
+            self.temperature, self.chunk_size,
         )
-        sup = mean_or_zero(rows["ce"][:num_responses], anchor)
-        rld = mean_or_zero(rows["reverse"][:num_responses], anchor)
+        sup = mean_or_zero(response["ce"], anchor)
+        rld = mean_or_zero(response["reverse"], anchor)
         if self.vsd_target == "hidden":
             terms = [self._vsd(pairs, student, teacher, projector) for pairs in pairs_by_sample]
         else:
-            terms = [part.mean() for part in rows["reverse"][num_responses:].split([p.size for p in pairs_by_sample])]
+            terms = [part.mean() for part in vision_rows.split([p.size for p in vision])]
         vsd = torch.stack(terms).mean() if terms else zero_like_graph(anchor)
         return sup, rld, vsd
 

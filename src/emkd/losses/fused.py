@@ -272,10 +272,10 @@ class _FusedHeadGram(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, b, chunk_size):
         h32 = h.float()
-        gram = h32.new_zeros(h.shape[0], h.shape[0])  # (M, M)
+        gram = h32.new_zeros(*h.shape[:-1], h.shape[-2])  # ([G,] M, M)
         for start in range(0, w.shape[0], chunk_size):
-            z = _chunk_logits(h32, w, b, start, min(start + chunk_size, w.shape[0]))  # (M, C)
-            gram += z @ z.T
+            z = _chunk_logits(h32, w, b, start, min(start + chunk_size, w.shape[0]))  # ([G,] M, C)
+            gram += z @ z.transpose(-1, -2)
         ctx.chunk_size = chunk_size
         ctx.save_for_backward(h, w, b)
         return gram
@@ -285,19 +285,21 @@ class _FusedHeadGram(torch.autograd.Function):
         h, w, b = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         h32 = h.float()
-        sym = grad_gram.float() + grad_gram.float().T  # d gram / d Z = (G + G^T) Z
+        sym = grad_gram.float() + grad_gram.float().transpose(-1, -2)  # d gram / d Z = (G + G^T) Z
+        flat_h = h32.reshape(-1, h.shape[-1])  # (G M, D)
         grad_h = torch.zeros_like(h32) if need_h else None
-        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
-        grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if need_b else None
+        grad_w = torch.empty(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        grad_b = torch.empty(b.shape, dtype=torch.float32, device=b.device) if need_b else None
         for start in range(0, w.shape[0], ctx.chunk_size):
             stop = min(start + ctx.chunk_size, w.shape[0])
-            g = sym @ _chunk_logits(h32, w, b, start, stop)  # (M, C)
+            g = sym @ _chunk_logits(h32, w, b, start, stop)  # ([G,] M, C)
             if need_h:
                 grad_h += g @ w[start:stop].float()
+            flat_g = g.reshape(-1, stop - start)  # (G M, C)
             if need_w:
-                grad_w[start:stop] = g.T @ h32
+                torch.mm(flat_g.T, flat_h, out=grad_w[start:stop])
             if need_b:
-                grad_b[start:stop] = g.sum(dim=0)
+                torch.sum(flat_g, dim=0, out=grad_b[start:stop])
         return (
             grad_h.to(h.dtype) if need_h else None,
             grad_w.to(w.dtype) if need_w else None,
@@ -310,7 +312,10 @@ def fused_head_gram(
     h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE
 ) -> torch.Tensor:
     """``Z Z^T`` ``[M, M]`` (float32) of the logits ``Z = h W^T + b`` (``h`` ``[M, D]``, ``W`` ``[V, D]``), summed over
-    vocabulary chunks; gradients reach ``h``, ``W`` and ``b`` when they require it."""
-    if h.dim() != 2 or w.dim() != 2 or h.shape[1] != w.shape[1]:
-        raise ValueError(f"fused_head_gram: h must be [M, D] and w [V, D], got {tuple(h.shape)} and {tuple(w.shape)}")
+    vocabulary chunks; ``h`` ``[G, M, D]`` gives ``G`` Gram matrices ``[G, M, M]`` at once. Gradients reach ``h``,
+    ``W`` and ``b`` when they require it."""
+    if h.dim() not in (2, 3) or w.dim() != 2 or h.shape[-1] != w.shape[1]:
+        raise ValueError(
+            f"fused_head_gram: h must be [M, D] or [G, M, D] and w [V, D], got {tuple(h.shape)} and {tuple(w.shape)}"
+        )
     return _FusedHeadGram.apply(h, w, b, int(chunk_size))

@@ -74,3 +74,34 @@ def head_divergences(
         tuple(kinds), temperature, targets, jsd_beta, chunk_size,
     )  # (N, K)
     return {kind: values[:, k] for k, kind in enumerate(kinds)}
+
+
+def response_and_row_divergences(
+    student: DistillInputs,
+    teacher: DistillInputs,
+    rows_s: list[torch.Tensor],
+    rows_t: list[torch.Tensor],
+    divergence: str,
+    temperature: float = 1.0,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One fused pass over both heads for the response positions and any further paired rows (vision pairs, TPA
+    candidates): the rows are stacked after the response rows, so the student head is read once.
+
+    Args:
+        rows_s, rows_t: paired ``[M_i, Ds]`` / ``[M_i, Dt]`` row blocks (may be empty lists).
+        divergence: ``forward`` | ``reverse`` | ``jsd``, applied to every row.
+
+    Returns:
+        ``({"ce": [R], divergence: [R]}, [sum M_i])``: the response rows' values and the further rows' divergence.
+    """
+    targets = student.response_targets  # (R,)
+    num_responses = int(targets.numel())
+    extra = sum(int(r.shape[0]) for r in rows_s)
+    ignore = torch.full((extra,), IGNORE_INDEX, dtype=torch.long, device=targets.device)
+    values = head_divergences(
+        student, torch.cat([student.response_hidden(), *rows_s]), teacher, torch.cat([teacher.response_hidden(), *rows_t]),
+        ("ce", divergence), temperature, torch.cat([targets, ignore]), implementation="fused", chunk_size=chunk_size,
+    )
+    response = {kind: v[:num_responses] for kind, v in values.items()}
+    return response, values[divergence][num_responses:]

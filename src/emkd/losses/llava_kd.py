@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 
 from emkd.chunking import DEFAULT_CHUNK_SIZE, check_implementation
-from emkd.inputs import IGNORE_INDEX, VOCAB_POLICIES, DistillInputs, check_pair, zero_like_graph
+from emkd.inputs import VOCAB_POLICIES, DistillInputs, check_pair, zero_like_graph
 from emkd.losses.divergence import forward_kl
 from emkd.losses.fused import fused_head_gram
-from emkd.losses.head import head_divergences
+from emkd.losses.head import response_and_row_divergences
 from emkd.losses.response import cross_entropy, mean_or_zero, response_logits
-from emkd.matching.pairing import MATCHINGS, VisionPairs, pair_batch
+from emkd.matching.pairing import MATCHINGS, VisionPairs, pair_batch, pair_indices
 
 LLAVA_KD_MATCHINGS = ("auto",) + MATCHINGS
 
@@ -122,16 +122,11 @@ class LlavaKDLoss(torch.nn.Module):
         student, teacher = check_pair(student, teacher, self.vocab)
         anchor = student.hidden
 
-        pairs_by_sample, matches = [], []
         n_s, n_t = student.vision_mask.sum(1), teacher.vision_mask.sum(1)
         matchings = [resolve_matching(self.matching, int(n_s[b]), int(n_t[b])) for b in range(student.batch_size)]
-        for pairs in pair_batch(student, teacher, matchings, self.implementation, self.chunk_size):
-            if pairs is None:
-                empty = torch.empty(0, dtype=torch.long, device=anchor.device)
-                matches.append((empty, empty.clone()))
-                continue
-            pairs_by_sample.append(pairs)
-            matches.append((pairs.idx_s, pairs.idx_t))
+        paired = pair_batch(student, teacher, matchings, self.implementation, self.chunk_size)
+        matches = pair_indices(paired, anchor.device)
+        pairs_by_sample = [pairs for pairs in paired if pairs is not None]
 
         if self.implementation == "fused":
             ce, res, vis, rel_terms = self._fused_terms(student, teacher, pairs_by_sample)
@@ -155,22 +150,22 @@ class LlavaKDLoss(torch.nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
         """CE, RES and VIS from one chunked pass over the stacked response and vision-pair rows; REL per sample."""
         anchor = student.hidden
-        targets = student.response_targets  # (R,)
-        num_responses = int(targets.numel())
-        hs = torch.cat([student.response_hidden(), *[p.student_hidden for p in pairs_by_sample]])  # (R + M, Ds)
-        ht = torch.cat([teacher.response_hidden(), *[p.teacher_hidden for p in pairs_by_sample]])  # (R + M, Dt)
-        ignore = torch.full((hs.shape[0] - num_responses,), IGNORE_INDEX, dtype=torch.long, device=anchor.device)
-        rows = head_divergences(
-            student, hs, teacher, ht, ("ce", "forward"), self.temperature, torch.cat([targets, ignore]),
-            implementation="fused", chunk_size=self.chunk_size,
+        response, vision_rows = response_and_row_divergences(
+            student, teacher, [p.student_hidden for p in pairs_by_sample], [p.teacher_hidden for p in pairs_by_sample],
+            "forward", self.temperature, self.chunk_size,
         )
-        ce = mean_or_zero(rows["ce"][:num_responses], anchor)
-        res = mean_or_zero(rows["forward"][:num_responses], anchor)
-        vis = mean_or_zero(rows["forward"][num_responses:], anchor) if pairs_by_sample else zero_like_graph(anchor)
-        rel_terms = []
-        for pairs in pairs_by_sample:
-            gram_s = fused_head_gram(pairs.student_hidden, student.head_weight, student.head_bias, self.chunk_size)
+        ce = mean_or_zero(response["ce"], anchor)
+        res = mean_or_zero(response["forward"], anchor)
+        vis = mean_or_zero(vision_rows, anchor) if pairs_by_sample else zero_like_graph(anchor)
+        by_size: dict[int, list[VisionPairs]] = {}
+        for pairs in pairs_by_sample:  # samples with equal pair counts share one batched Gram pass
+            by_size.setdefault(pairs.size, []).append(pairs)
+        rel_terms = []  # REL is their mean: the order does not matter
+        for group in by_size.values():
+            gram_s = fused_head_gram(torch.stack([p.student_hidden for p in group]), student.head_weight,
+                                     student.head_bias, self.chunk_size)  # (G, M, M)
             with torch.no_grad():
-                gram_t = fused_head_gram(pairs.teacher_hidden, teacher.head_weight, teacher.head_bias, self.chunk_size)
-            rel_terms.append(gram_distance(gram_s, gram_t))
+                gram_t = fused_head_gram(torch.stack([p.teacher_hidden for p in group]), teacher.head_weight,
+                                         teacher.head_bias, self.chunk_size)  # (G, M, M)
+            rel_terms.extend(gram_distance(g_s, g_t) for g_s, g_t in zip(gram_s, gram_t))
         return ce, res, vis, rel_terms

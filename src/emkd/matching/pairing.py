@@ -150,3 +150,9 @@ def pair_batch(
             idx_s, idx_t = hungarian_match(costs[g])
             out[b] = VisionPairs(student.vision_tokens(b)[idx_s], vt[g][idx_t], idx_s, idx_t)
     return out
+
+
+def pair_indices(paired: list[VisionPairs | None], device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``(idx_s, idx_t)`` of every sample of :func:`pair_batch`'s result; empty tensors for a sample without pairs."""
+    empty = torch.empty(0, dtype=torch.long, device=device)
+    return [(empty, empty.clone()) if p is None else (p.idx_s, p.idx_t) for p in paired]

@@ -53,7 +53,7 @@ from emkd.chunking import check_implementation
 from emkd.inputs import IGNORE_INDEX, VOCAB_POLICIES, DistillInputs, check_pair
 from emkd.losses.align_ti import instruction_vision_attention, iva_loss, ribbon_attention_mask
 from emkd.losses.divergence import forward_kl
-from emkd.losses.head import head_divergences
+from emkd.losses.head import response_and_row_divergences
 from emkd.losses.response import cross_entropy, mean_or_zero
 from emkd.models.base import DistillAdapter
 from emkd.models.student_side import IMAGE_KEYS as STUDENT_IMAGE_KEYS
@@ -488,15 +488,10 @@ def tpa_losses(
         c_t = h_t[t_aug["candidate_batch"].to(h_t.device)[:, None], t_aug["candidate_index"].to(h_t.device)]
     c_s, c_t = c_s.reshape(-1, c_s.shape[-1]), c_t.reshape(-1, c_t.shape[-1]).to(c_s.device)  # (R d, Ds), (R d, Dt)
     if implementation == "fused":  # CE, KD and TPA in one chunked pass over the heads
-        num_responses = int(targets.numel())
-        ignore = torch.full((c_s.shape[0],), IGNORE_INDEX, dtype=torch.long, device=targets.device)
-        rows = head_divergences(
-            student, torch.cat([student.response_hidden(), c_s]), teacher, torch.cat([teacher.response_hidden(), c_t]),
-            ("ce", "forward"), temperature, torch.cat([targets, ignore]), implementation="fused",
-        )
-        ce = mean_or_zero(rows["ce"][:num_responses], h_s)
-        kd = mean_or_zero(rows["forward"][:num_responses], h_s)
-        tpa = mean_or_zero(rows["forward"][num_responses:], h_s)
+        response, candidate_rows = response_and_row_divergences(student, teacher, [c_s], [c_t], "forward", temperature)
+        ce = mean_or_zero(response["ce"], h_s)
+        kd = mean_or_zero(response["forward"], h_s)
+        tpa = mean_or_zero(candidate_rows, h_s)
     else:
         z_s = student.logits(student.response_hidden())  # (R, V)
         with torch.no_grad():
