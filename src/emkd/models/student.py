@@ -57,6 +57,8 @@ from transformers.image_processing_utils import select_best_resolution
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput
 
+from ..compat import CACHE_KEY, pop_cache
+
 COMPRESSORS = ("pool", "none")
 # Attributes of a text config that make logits something other than ``hidden @ W.T (+ b)``.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
@@ -231,7 +233,8 @@ class EfficientMLLMOutput(ModelOutput):
         logits: ``[B, L', V]`` (``L' = L`` unless ``logits_to_keep``); ``None`` with ``return_logits=False``.
         hidden: ``[B, L, D]`` final hidden states after the final norm, as the LM head consumes them.
         vision_mask: ``[B, L]`` bool, positions filled with image features.
-        past_key_values: the decoder's cache (generation).
+        cache / past_key_values: the decoder's cache (generation), under the name the installed transformers uses
+            (:data:`emkd.compat.CACHE_KEY`).
         hidden_states, attentions: the decoder's, when requested with ``output_hidden_states``/``output_attentions``.
         head_fn_output: what ``head_fn`` returned, when one was passed to ``forward``.
     """
@@ -240,7 +243,10 @@ class EfficientMLLMOutput(ModelOutput):
     logits: torch.Tensor | None = None
     hidden: torch.Tensor | None = None
     vision_mask: torch.Tensor | None = None
-    past_key_values: Cache | None = None
+    if CACHE_KEY == "cache":  # transformers >= 5.24
+        cache: Cache | None = None
+    else:
+        past_key_values: Cache | None = None
     hidden_states: tuple[torch.Tensor, ...] | None = None
     attentions: tuple[torch.Tensor, ...] | None = None
     head_fn_output: Any = None
@@ -311,7 +317,7 @@ class EfficientMLLMForCausalLM(PreTrainedModel, GenerationMixin):
     main_input_name = "input_ids"
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_KEY]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -410,7 +416,6 @@ class EfficientMLLMForCausalLM(PreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         image_sizes: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
@@ -426,6 +431,8 @@ class EfficientMLLMForCausalLM(PreTrainedModel, GenerationMixin):
             pixel_values, image_sizes: see :meth:`get_image_features`; images fill the samples' image tokens in order.
             attention_mask: ``[B, L]`` (1 real, 0 padding), or ``[B, L_past + L]`` during generation.
             labels: ``[B, L]``, ``-100`` ignored; gives ``loss`` (mean CE over supervised next tokens).
+            cache: the decoder's cache during generation, passed as ``cache`` (transformers >= 5.24) or
+                ``past_key_values`` (older releases, and accepted on newer ones); see :mod:`emkd.compat`.
             logits_to_keep: as in Hugging Face causal LMs (generation keeps the last position only).
             return_logits: ``False`` skips the LM head (``logits=None``) when only ``hidden`` is needed.
             cache_position: accepted for API compatibility and ignored (transformers 5 derives positions from the
@@ -437,6 +444,7 @@ class EfficientMLLMForCausalLM(PreTrainedModel, GenerationMixin):
                 (:func:`emkd.training.trainer.prepare_for_sharding`).
         """
         del cache_position
+        cache = pop_cache(kwargs)
         kwargs.pop("return_dict", None)  # always a ModelOutput
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
@@ -457,7 +465,7 @@ class EfficientMLLMForCausalLM(PreTrainedModel, GenerationMixin):
             inputs_embeds = inputs_embeds.masked_scatter(image_mask.unsqueeze(-1), flat)  # (B, L, D)
             vision_mask = image_mask
         elif input_ids is not None and self.config.image_token_id is not None:
-            prefill = past_key_values is None or past_key_values.get_seq_length() == 0
+            prefill = cache is None or cache.get_seq_length() == 0
             if prefill:  # decode steps may meet a generated image token; a prompt's image tokens need images
                 counts = (input_ids == self.config.image_token_id).sum(1).tolist()
                 check_image_token_counts(counts, [])
@@ -466,8 +474,8 @@ class EfficientMLLMForCausalLM(PreTrainedModel, GenerationMixin):
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             use_cache=use_cache,
+            **{CACHE_KEY: cache},
             return_dict=True,
             **kwargs,
         )
@@ -489,7 +497,7 @@ class EfficientMLLMForCausalLM(PreTrainedModel, GenerationMixin):
             hidden=hidden,
             vision_mask=vision_mask,
             head_fn_output=head_fn_output,
-            past_key_values=outputs.past_key_values,
+            **{CACHE_KEY: getattr(outputs, CACHE_KEY, None)},
             hidden_states=getattr(outputs, "hidden_states", None),
             attentions=getattr(outputs, "attentions", None),
         )
@@ -497,8 +505,6 @@ class EfficientMLLMForCausalLM(PreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
-        past_key_values: Cache | None = None,
-        attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         pixel_values: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
@@ -509,11 +515,10 @@ class EfficientMLLMForCausalLM(PreTrainedModel, GenerationMixin):
 
         After prefill the image features live in the cache; decode steps feed one new token each and get no
         ``pixel_values``. Without a cache (``use_cache=False``) every step re-reads the whole prompt, images included.
+        The cache and the attention mask travel in ``kwargs`` under the names the installed release uses.
         """
         model_inputs = super().prepare_inputs_for_generation(
             input_ids,
-            past_key_values=past_key_values,
-            attention_mask=attention_mask,
             inputs_embeds=inputs_embeds,
             is_first_iteration=is_first_iteration,
             **kwargs,
