@@ -33,8 +33,10 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     assert results["student-sft"].vision_tokens_per_image == results["student-emkd"].vision_tokens_per_image == 16
     table = next(line for line in lines if "vis tok/img" in line)
     assert "student-emkd" in table and "teacher" in table
+    assert "`--quick` is a pipeline check" in table and "say nothing about the methods" in table
     root = tmp_path / "demo"
     report = (root / "report.md").read_text()
+    assert "`--quick` is a pipeline check" in report
     for figure in ("loss_curves.png", "matching.png", "decoded_tokens.png"):
         assert (root / "figures" / figure).stat().st_size > 1000
         assert f"figures/{figure}" in report

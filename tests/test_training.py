@@ -137,8 +137,8 @@ def test_sigterm_saves_a_checkpoint_and_stops(ws, tmp_path):
 
     original = run_module.build_trainer
 
-    def build_with_signal(config):
-        t = original(config)
+    def build_with_signal(config, source="the recipe"):
+        t = original(config, source)
         t.add_callback(SendSignal(0))
         return t
 
@@ -216,5 +216,5 @@ def test_recipe_values_take_their_field_types():
     assert config.learning_rate == 0.001 and isinstance(config.num_epochs, float) and config.data.max_length == 64
     with pytest.raises(ValueError, match="learning_rate must be float"):
         load_recipe(None, ["learning_rate=fast"])
-    with pytest.raises(ValueError, match="unknown recipe keys"):
+    with pytest.raises(ValueError, match=r"unknown recipe key .learning_rat. \(did you mean .learning_rate.\?\)"):
         load_recipe(None, ["learning_rat=1"])

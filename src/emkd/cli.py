@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -12,9 +14,16 @@ def build_parser() -> argparse.ArgumentParser:
         description="Distill efficient multimodal LLMs (few vision tokens) from vanilla teachers with EM-KD, "
         "LLaVA-KD, Align-TI and response KD.",
     )
+    parser.add_argument("--version", action="store_true",
+                        help="print the versions of emkd, Python and the libraries it depends on, and exit")
+    parser.add_argument("--debug", action="store_true",
+                        help="show the traceback of errors in what was given (a recipe, a path, a record); "
+                        "also EMKD_DEBUG=1")
     sub = parser.add_subparsers(dest="command", metavar="command")
     demo = sub.add_parser("demo", help="distill a tiny efficient MLLM on real data and print the comparison")
-    demo.add_argument("--quick", action="store_true", help="a smaller budget (about 2 minutes)")
+    demo.add_argument("--quick", action="store_true",
+                      help="a pipeline check on a tiny budget (about 2 minutes): every step runs, but the "
+                      "students do not learn enough for their scores to mean anything")
     demo.add_argument("--out", default="runs/demo", help="where data, checkpoints and the report go")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--methods", default="sft,emkd", help="comma-separated phase-2 methods to compare")
@@ -93,7 +102,8 @@ def _run_train(args: argparse.Namespace) -> int:
     from emkd.training.run import train
 
     config = load_recipe(args.recipe, args.overrides)
-    summary = train(config, resume=args.resume)
+    source = args.recipe or "the recipe (defaults and --set)"
+    summary = train(config, resume=args.resume, source=source)
     print(f"done: {summary}")
     return 0
 
@@ -101,10 +111,23 @@ def _run_train(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.version:
+        from emkd.compat import installed_versions
+
+        print(" ".join(f"{name} {version}" for name, version in installed_versions().items()))
+        return 0
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    return int(args.func(args) or 0)
+    from emkd.errors import UserError
+
+    try:
+        return int(args.func(args) or 0)
+    except UserError as e:
+        if args.debug or os.environ.get("EMKD_DEBUG", "") not in ("", "0"):
+            traceback.print_exc()
+        print(f"emkd {args.command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

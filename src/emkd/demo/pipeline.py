@@ -205,11 +205,38 @@ def run_demo(root: str | Path = "runs/demo", quick: bool = False, seed: int = 0,
         results[name] = evaluate(path, data["test"], images_dir=data["images"], limit=budget.eval_limit,
                                  ttft_runs=budget.ttft_runs, batch_size=budget.eval_batch_size, progress=True)
     table = format_table(list(results.values()), list(results))
-    print_fn("\n" + table)
+    print_fn("\n" + table + "\n\n" + what_it_shows(results, budget, quick) + "\n")
     (root / "results.json").write_text(json.dumps({k: _as_dict(v) for k, v in results.items()}, indent=2))
     report = write_report(root, data, teacher_dir, finals, results, table, tokenizer, quick)
     log(f"report: {report}")
     return results
+
+
+def what_it_shows(results: dict[str, Any], budget: DemoBudget, quick: bool) -> str:
+    """The sentences printed under the demo's table: what the numbers show, and what they do not."""
+    from emkd.evaluation import paired_difference
+
+    n = next(iter(results.values())).num_samples
+    if quick:
+        return (
+            f"What this shows: `--quick` is a pipeline check. Every stage ran (data, teacher, student phase 1, phase 2 "
+            f"per method, evaluation, report), but on a tiny budget ({budget.student_phase1_steps} phase-1 and "
+            f"{budget.student_phase2_steps} phase-2 steps, {n} held-out records): the students have not learned the "
+            f"task, so their scores say nothing about the methods. Run `emkd demo` (about 7 minutes) for the "
+            f"comparison, and `emkd reproduce` for one over seeds."
+        )
+    lines = [f"What this shows: one seed, {budget.student_phase2_steps} phase-2 steps per student, {n} held-out "
+             "records. Paired differences of micro accuracy (same records; the interval covers the choice of records, "
+             "not the seed -- `emkd reproduce` measures that):"]
+    names = [k for k in results if k.startswith("student-")]
+    base = "student-sft" if "student-sft" in results else None
+    for name in names:
+        if base is not None and name != base:
+            lines.append(f"  {name} - {base}: {paired_difference(results[name], results[base])}")
+    if "teacher" in results:
+        for name in names:
+            lines.append(f"  teacher - {name}: {paired_difference(results['teacher'], results[name])}")
+    return "\n".join(lines)
 
 
 def _as_dict(result) -> dict[str, Any]:
@@ -283,6 +310,8 @@ def write_report(root: Path, data: dict[str, Path], teacher_dir: Path, finals: d
         "```",
         table,
         "```",
+        "",
+        what_it_shows(results, QUICK if quick else DemoBudget(), quick),
         "",
         "## Loss curves (phase 2)",
         "",

@@ -37,6 +37,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
 import os
 import statistics
 import sys
@@ -504,6 +505,41 @@ def format_table(results: list[EvalResult], names: list[str] | None = None) -> s
 
 
 # ---- command line ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PairedDifference:
+    """Accuracy of model ``a`` minus model ``b`` on the same records, in points, with a 95 % confidence interval."""
+
+    mean: float
+    low: float
+    high: float
+    num_samples: int
+
+    def __str__(self) -> str:
+        return f"{self.mean:+.1f} points (95 % CI {self.low:+.1f} to {self.high:+.1f}, n = {self.num_samples})"
+
+
+def paired_difference(a: EvalResult, b: EvalResult) -> PairedDifference:
+    """Micro-accuracy difference ``a - b`` over the records both scored, paired record by record.
+
+    The interval is the normal approximation ``mean +- 1.96 * sd / sqrt(n)`` of the per-record differences
+    (each -1, 0 or +1). It covers the sampling of *records* only: two runs that differ only in their seed can differ
+    by more (``emkd reproduce`` pairs runs over seeds for that). Records are matched by position, and the two
+    results must come from the same data in the same order.
+    """
+    if len(a.predictions) != len(b.predictions) or any(
+        (p.id, p.question) != (q.id, q.question) for p, q in zip(a.predictions, b.predictions)
+    ):
+        raise ValueError(f"paired_difference: {a.model} and {b.model} were not scored on the same records")
+    n = len(a.predictions)
+    if n == 0:
+        raise ValueError("paired_difference: no scored records")
+    diff = torch.tensor([float(p.correct) - float(q.correct) for p, q in zip(a.predictions, b.predictions)],
+                        dtype=torch.float64)  # (n,) in {-1, 0, 1}
+    mean = diff.mean().item()
+    half = 1.96 * diff.std(unbiased=True).item() / math.sqrt(n) if n > 1 else float("inf")
+    return PairedDifference(100 * mean, 100 * (mean - half), 100 * (mean + half), n)
+
+
 def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``emkd eval``; pair with ``parser.set_defaults(func=run_eval)``."""
     parser.add_argument("model", help="checkpoint directory (the student, or a LLaVA / NeXT / OneVision / Qwen2-VL "

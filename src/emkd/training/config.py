@@ -8,15 +8,32 @@ float). Unknown keys are errors that name the key and the recipe file.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from emkd.errors import UserError
+
 METHODS = ("sft", "kd", "rkl", "llava_kd", "align_ti", "emkd")
 STAGES = ("align", "instruct", "dpt", "sft", "dft")
 TEMPLATES = ("plain", "chat")
+
+# Where each path a recipe may need comes from: said once, in the error that reports it missing.
+PATH_HINTS = {
+    "student": "a student checkpoint directory: the previous phase's output_dir/final, one composed by "
+    "`emkd init-student`, or runs/demo/student/phase1/final written by `emkd demo`",
+    "teacher": "a teacher checkpoint directory in transformers format (a LLaVA-family download), or the demo's "
+    "teacher, src/emkd/demo/assets/teacher",
+    "teacher_cache": "a directory written by `emkd cache-teacher`",
+    "data.train": "a LLaVA-format JSON/JSONL file (`emkd demo` writes runs/demo/data/train.json; check a file with "
+    "`emkd data check FILE --images DIR`)",
+    "data.eval": "a LLaVA-format JSON/JSONL file",
+    "data.images": "the directory the records' image paths are relative to (runs/demo/data/images for the demo's data)",
+    "irs_file": "the JSON written by `emkd irs`",
+}
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -78,6 +95,11 @@ class TrainConfig:
     dataloader_workers: int = _help("data loader worker processes", default=0)
     irs_layer: int | None = _help("Align-TI: teacher layer for IVA weights (None: argmax of the IRS file)", default=None)
     irs_file: str | None = _help("Align-TI: JSON written by `emkd irs`", default=None)
+    path_help: dict = _help(
+        "where to get each path this recipe needs, by key (student, teacher, data.train, ...): shown in the error "
+        "when the path is unset or missing, in place of the generic hint",
+        default_factory=dict,
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):
@@ -86,14 +108,14 @@ class TrainConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
-        if (self.method != "sft" and self.stage not in ("sft",) and self.teacher is None and self.teacher_cache is None
-                and self.student is not None):
-            raise ValueError(f"method {self.method!r} needs a teacher directory (set teacher=...)")
         if self.method == "align_ti" and self.teacher_cache is not None:
             raise ValueError(
                 "method 'align_ti' cannot train from teacher_cache: its TPA runs the teacher on candidates sampled "
                 "from the student at every step, which no cache holds; unset teacher_cache"
             )
+        unknown_help = set(self.path_help) - set(PATH_HINTS)
+        if unknown_help:
+            raise ValueError(f"path_help has keys {sorted(unknown_help)} that are not paths; paths: {sorted(PATH_HINTS)}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError(f"batch_size and grad_accum must be >= 1, got {self.batch_size}, {self.grad_accum}")
         if self.teacher_dtype not in ("float32", "bfloat16", "float16"):
@@ -117,7 +139,7 @@ def _coerce(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
             try:
                 out[f.name] = float(value) if kind == "float" else int(value)
             except ValueError:
-                raise ValueError(f"{source}: {f.name} must be {kind}, got {value!r}") from None
+                raise ValueError(f"{f.name} must be {kind}, got {value!r}") from None
         elif isinstance(value, int) and not isinstance(value, bool) and kind == "float":
             out[f.name] = float(value)
     return out
@@ -127,16 +149,42 @@ def _known_keys(cls: type) -> set[str]:
     return {f.name for f in dataclasses.fields(cls)}
 
 
+def _refuse_unknown(values: dict[str, Any], cls: type, prefix: str, source: str) -> None:
+    """One error for the first unknown key, with the closest known one, or the list of known keys."""
+    known = _known_keys(cls)
+    for key in sorted(set(values) - known):
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f"did you mean '{prefix}{close[0]}'?" if close else f"known: {', '.join(sorted(known))}"
+        raise UserError(f"{source}: unknown recipe key '{prefix}{key}' ({hint})")
+
+
 def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> TrainConfig:
-    """Read a YAML recipe (or start from defaults when ``path`` is None) and apply ``key=value`` overrides."""
+    """Read a YAML recipe (or start from defaults when ``path`` is None) and apply ``key=value`` overrides.
+
+    Raises :class:`~emkd.errors.UserError` naming the recipe file for a missing file, bad YAML, an unknown key or a
+    bad value.
+    """
+    source = "defaults" if path is None else str(path)
+    try:
+        return _load_recipe(path, overrides, source)
+    except UserError:
+        raise
+    except (ValueError, TypeError) as e:
+        raise UserError(f"{source}: {e}") from e
+
+
+def _load_recipe(path: str | Path | None, overrides: list[str] | None, source: str) -> TrainConfig:
     raw: dict[str, Any] = {}
-    source = "defaults"
     if path is not None:
-        source = str(path)
-        with open(path) as f:
-            raw = yaml.safe_load(f) or {}
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise UserError(f"recipe {path} not found (shipped recipes are in recipes/ of the repository)") from None
+        except yaml.YAMLError as e:
+            raise UserError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
         if not isinstance(raw, dict):
-            raise ValueError(f"{path}: a recipe must be a mapping of keys to values, got {type(raw).__name__}")
+            raise UserError(f"{path}: a recipe must be a mapping of keys to values, got {type(raw).__name__}")
     for item in overrides or []:
         keys, value = _parse_override(item)
         node = raw
@@ -145,14 +193,39 @@ def load_recipe(path: str | Path | None, overrides: list[str] | None = None) -> 
             if not isinstance(node, dict):
                 raise ValueError(f"--set {item}: {k!r} is not a mapping")
         node[keys[-1]] = value
-    unknown = set(raw) - _known_keys(TrainConfig)
-    if unknown:
-        raise ValueError(f"{source}: unknown recipe keys {sorted(unknown)}; known: {sorted(_known_keys(TrainConfig))}")
-    data_unknown = set(raw.get("data") or {}) - _known_keys(DataConfig)
-    if data_unknown:
-        raise ValueError(f"{source}: unknown data keys {sorted(data_unknown)}; known: {sorted(_known_keys(DataConfig))}")
+    _refuse_unknown(raw, TrainConfig, "", source)
+    _refuse_unknown(raw.get("data") or {}, DataConfig, "data.", source)
     raw["data"] = DataConfig(**_coerce(DataConfig, raw.get("data") or {}, source))
     return TrainConfig(**_coerce(TrainConfig, raw, source))
+
+
+def check_paths(config: TrainConfig, source: str = "the recipe") -> None:
+    """Check, before any model loads, that every path the run needs is set and exists.
+
+    Raises one :class:`~emkd.errors.UserError` that lists every missing key as the ``--set`` that fills it and every
+    path that does not exist, each with where to get it: the recipe's ``path_help``, else :data:`PATH_HINTS`.
+    """
+    from emkd.training.methods import METHODS
+
+    needed = {"student": "DIR"}
+    if METHODS[config.method].needs_teacher and config.teacher_cache is None:
+        needed["teacher"] = "DIR"
+    needed["data.train"] = "FILE"
+    values = {
+        "student": config.student, "teacher": config.teacher, "teacher_cache": config.teacher_cache,
+        "data.train": config.data.train, "data.eval": config.data.eval, "data.images": config.data.images,
+        "irs_file": config.irs_file,
+    }
+    unset = [key for key in needed if values[key] is None]
+    absent = [key for key, value in values.items() if value is not None and not Path(value).exists()]
+    if not unset and not absent:
+        return
+    problems = []
+    if unset:
+        problems.append("set " + " ".join(f"--set {k}={needed[k]}" for k in unset))
+    problems += [f"{k}={values[k]} does not exist" for k in absent]
+    hints = "; ".join(f"{k}: {config.path_help.get(k, PATH_HINTS[k])}" for k in unset + absent)
+    raise UserError(f"{source}: {', '.join(problems)} -- {hints}")
 
 
 def to_dict(config: TrainConfig) -> dict[str, Any]:

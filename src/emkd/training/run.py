@@ -19,7 +19,8 @@ from transformers import TrainingArguments, set_seed
 
 from emkd.data import PairCollator, PairDataset
 from emkd.models import EfficientMLLMAdapter, check_same_tokenization, load_student, load_teacher
-from emkd.training.config import TrainConfig
+from emkd.compat import installed_versions
+from emkd.training.config import TrainConfig, check_paths
 from emkd.training.methods import build_method
 from emkd.training.stages import apply_stage
 from emkd.training.teacher_cache import CachedTeacher, load_cached_teacher
@@ -70,8 +71,12 @@ def resolve_iva_layer(config: TrainConfig) -> int:
     return int(json.loads(Path(config.irs_file).read_text())["best_layer"])
 
 
-def build_trainer(config: TrainConfig) -> DistillTrainer:
-    """Everything ``train`` needs, without running it (tests use this to inspect a run)."""
+def build_trainer(config: TrainConfig, source: str = "the recipe") -> DistillTrainer:
+    """Everything ``train`` needs, without running it (tests use this to inspect a run).
+
+    ``source`` names the recipe in errors about its paths, which are checked before any model loads.
+    """
+    check_paths(config, source)
     set_seed(config.seed)
     model, student_side = load_student(config.student)
     apply_stage(model, config.stage, config.train_vision_tower)
@@ -119,12 +124,17 @@ def build_trainer(config: TrainConfig) -> DistillTrainer:
     return trainer
 
 
-def train(config: TrainConfig, resume: bool = False) -> dict[str, Any]:
-    """Run a recipe; return a summary (steps, final loss, where the model is, skipped records)."""
-    trainer = build_trainer(config)
+def train(config: TrainConfig, resume: bool = False, source: str = "the recipe") -> dict[str, Any]:
+    """Run a recipe; return a summary (steps, final loss, where the model is, skipped records).
+
+    Besides checkpoints and logs, ``output_dir`` receives ``recipe.json`` (the resolved recipe) and
+    ``environment.json`` (Python's and the libraries' versions, :func:`emkd.compat.installed_versions`).
+    """
+    trainer = build_trainer(config, source)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    (out / "environment.json").write_text(json.dumps(installed_versions(), indent=2))
     checkpoint = None
     if resume:
         checkpoint = last_complete_checkpoint(out)
