@@ -51,3 +51,12 @@ def build_workspace(
     (root / "captions.json").write_text(json.dumps(captions))
     return {"root": root, "student": root / "student", "teacher": root / "teacher", "images": images,
             "train": root / "train.json", "captions": root / "captions.json"}
+
+
+def free_port() -> str:
+    """A TCP port free on this machine now, for a torchrun rendezvous (fixed ports clash when two suites run)."""
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])

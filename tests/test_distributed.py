@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _workspace import build_workspace
+from _workspace import build_workspace, free_port
 
 
 def _run(cmd, env):
@@ -33,7 +33,7 @@ def test_two_processes_match_one(tmp_path):
     torchrun = str(Path(sys.executable).parent / "torchrun")
     _run([sys.executable, "-m", "emkd", "train", *args, "--set", f"output_dir={tmp_path / 'one'}",
           "--set", "batch_size=4"], env)
-    _run([torchrun, "--nproc_per_node", "2", "--master_port", "29533", "-m", "emkd", "train", *args,
+    _run([torchrun, "--nproc_per_node", "2", "--master_port", free_port(), "-m", "emkd", "train", *args,
           "--set", f"output_dir={tmp_path / 'two'}", "--set", "batch_size=2"], env)
 
     def logs(name):
