@@ -452,3 +452,18 @@ def test_progress_bar_goes_to_stderr(ws, capsys):
     captured = capsys.readouterr()
     assert "eval student" in captured.err and "2/2" in captured.err
     assert "eval student" not in captured.out
+
+
+def test_eval_records_with_a_line_separator_inside_a_string_keep_their_category(tmp_path):
+    """U+2028 inside a JSON string is not a line break: the record and its category are read whole."""
+    path = tmp_path / "eval.jsonl"
+    rows = [
+        {"id": "a", "category": "ocr", "conversations": [
+            {"from": "human", "value": "first\u2028line?"}, {"from": "gpt", "value": "yes"}]},
+        {"id": "b", "category": "chart", "conversations": [
+            {"from": "human", "value": "second?"}, {"from": "gpt", "value": "no"}]},
+    ]
+    path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n", encoding="utf-8")
+    samples = read_eval_samples(path)
+    assert [(s.record.id, s.category) for s in samples] == [("a", "ocr"), ("b", "chart")]
+    assert samples[0].question == "first\u2028line?"

@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true",
                       help="a pipeline check on a tiny budget (about a minute): every stage runs, but the "
                       "students do not learn enough for their scores to mean anything")
-    demo.add_argument("--out", default="runs/demo", help="where data, checkpoints and the report go")
+    demo.add_argument("--out", default="runs/demo",
+                      help="where data, checkpoints and the report go (a previous demo's runs there are replaced)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--methods", default="sft,emkd", help="comma-separated phase-2 methods to compare")
     demo.add_argument("--retrain-teacher", action="store_true", help="train the teacher even if one is cached")
@@ -38,11 +39,18 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--quick", action="store_true", help="a tiny budget, to check the pipeline")
     rep.set_defaults(func=_run_reproduce)
 
-    train = sub.add_parser("train", help="train a student from a YAML recipe")
+    train = sub.add_parser("train", help="train a student from a YAML recipe", epilog=TRAIN_EXIT_CODES,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("recipe", nargs="?", help="YAML recipe (see recipes/); omit to start from defaults")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe key, e.g. --set method=kd --set data.train=train.json")
-    train.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint")
+    where = train.add_mutually_exclusive_group()
+    where.add_argument("--resume", action="store_true",
+                       help="continue the run in output_dir from its newest intact checkpoint of the same recipe "
+                       "(damaged ones are set aside with a warning)")
+    where.add_argument("--overwrite", action="store_true",
+                       help="delete the run already in output_dir (checkpoints, final, logs) and start over; "
+                       "without --resume or --overwrite, output_dir must be empty or absent")
     train.set_defaults(func=_run_train)
 
     init = sub.add_parser("init-student", help="build an efficient student from SigLIP/CLIP + causal-LM checkpoints")
@@ -97,13 +105,38 @@ def _run_reproduce(args: argparse.Namespace) -> int:
     return 0
 
 
+TRAIN_EXIT_CODES = """exit status:
+  0        training finished; output_dir/final holds the model
+  2        something given is wrong: a recipe value, a path, a data record, or output_dir (in use, holding
+           another run, no intact checkpoint to resume); the message says which
+  3        training stopped on a NaN/inf loss, loss component, gradient norm or weight (on_nonfinite=stop, or
+           max_consecutive_nonfinite reached); nothing non-finite was saved: the newest complete checkpoint is the
+           last good one
+  128+N    interrupted by signal N (130: SIGINT / Ctrl-C, 143: SIGTERM): a checkpoint of the current step was saved
+           (unless a second signal came first); continue with --resume
+"""
+
+
 def _run_train(args: argparse.Namespace) -> int:
+    import signal
+
     from emkd.training.config import load_recipe
     from emkd.training.run import train
 
     config = load_recipe(args.recipe, args.overrides)
     source = args.recipe or "the recipe (defaults and --set)"
-    summary = train(config, resume=args.resume, source=source)
+    try:
+        summary = train(config, resume=args.resume, source=source, overwrite=args.overwrite)
+    except KeyboardInterrupt as e:  # Ctrl-C before training started, or a second signal while saving was pending
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"emkd train: stopped at once by {signal.Signals(signum).name}; nothing was saved from the current "
+              f"step; --resume continues from the newest complete checkpoint", file=sys.stderr)
+        return 128 + signum
+    if summary["interrupted"]:
+        signum = signal.Signals[summary["signal"]]
+        print(f"emkd train: interrupted by {signum.name} at step {summary['global_step']}: saved "
+              f"{summary['last_complete_checkpoint']}; continue with --resume", file=sys.stderr)
+        return 128 + signum.value
     print(f"done: {summary}")
     return 0
 
@@ -127,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug or os.environ.get("EMKD_DEBUG", "") not in ("", "0"):
             traceback.print_exc()
         print(f"emkd {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
 
 
 if __name__ == "__main__":

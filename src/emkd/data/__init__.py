@@ -1,7 +1,8 @@
 """The data pipeline: LLaVA-format conversations to token ids, labels and masks for a student/teacher pair.
 
 * :mod:`emkd.data.records`: read LLaVA (``conversations``) and Hugging Face (``messages``) records from JSON or JSONL,
-  normalise them to :class:`Record`, and validate them (:class:`BadRecord` lists every problem with file and line).
+  decoding each record on its own, normalise them to :class:`Record`, and validate them (:class:`BadRecord` lists
+  every problem with file and line; image paths stay inside the image folder unless the caller opts out).
 * :mod:`emkd.data.render`: the ``chat`` and ``plain`` templates, tokenization with exact assistant-only labels and
   instruction masks, and :func:`render_pair` (one conversation, two vision sides, identical text tokens).
 * :mod:`emkd.data.collate`: :class:`PairDataset` (validates upfront, renders lazily) and :class:`PairCollator`.
@@ -16,10 +17,13 @@ from emkd.data.records import (
     BadRecord,
     Part,
     Problem,
+    RawRecord,
     Record,
+    RecordError,
     Source,
     Turn,
     load_images,
+    read_objects,
     read_records,
     validate_record,
 )
@@ -37,7 +41,9 @@ __all__ = [
     "PairDataset",
     "Part",
     "Problem",
+    "RawRecord",
     "Record",
+    "RecordError",
     "RenderedText",
     "SampleError",
     "Source",
@@ -46,6 +52,7 @@ __all__ = [
     "check_file",
     "load_images",
     "main_check",
+    "read_objects",
     "read_records",
     "render_pair",
     "render_side",

@@ -9,7 +9,10 @@ error, and vice versa.
 On the command line no model is loaded: ``--max-length`` needs ``--tokenizer`` (any Hugging Face tokenizer path)
 and ``--image-tokens`` (image tokens per image on the longer side, the teacher's; for AnyRes teachers give the
 largest count an image can take) and ``--image-wrapper OPEN CLOSE`` when the teacher wraps images (Qwen2-VL:
-``"<|vision_start|>" "<|vision_end|>"``). The exit code is 1 when any record is bad, 0 otherwise (2 for usage errors).
+``"<|vision_start|>" "<|vision_end|>"``). Image paths must stay inside ``--images`` unless
+``--allow-outside-images`` is given (as the recipe's ``data.allow_outside_images``). The exit code is 1 when any
+record is bad or the file holds no record at all, 0 otherwise, and 2 for usage errors and a file that cannot be read
+(printed as one line, ``emkd data check: error: ...``).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from typing import Any
 
 import torch
 
-from emkd.data.records import BadRecord, Problem, Record, load_images, read_records, validate_record
+from emkd.data.records import BadRecord, Problem, Record, RecordError, load_images, read_records, validate_record
 from emkd.data.render import TEMPLATES, SampleError, render_pair
 from emkd.models.base import VisionSide
 
@@ -40,8 +43,14 @@ class CheckReport:
         return len(self.records) + len(self.bad)
 
     @property
+    def empty(self) -> bool:
+        """The file holds no record (no bytes, only blank lines, or ``[]``)."""
+        return self.num_records == 0
+
+    @property
     def ok(self) -> bool:
-        return not self.bad
+        """No bad record, and at least one good one."""
+        return not self.bad and not self.empty
 
     def counts(self) -> dict[str, int]:
         """Number of bad records per problem kind."""
@@ -57,6 +66,8 @@ class CheckReport:
         if limit is not None and len(self.bad) > limit:
             lines.append(f"  ... and {len(self.bad) - limit} more")
         summary = f"{self.path}: {self.num_records} records, {len(self.bad)} bad"
+        if self.empty:
+            summary = f"{self.path}: 0 records: the file is empty (no record to train or evaluate on)"
         if self.bad:
             summary += " (" + ", ".join(f"{k}: {n}" for k, n in self.counts().items()) + ")"
         return "\n".join(lines + [summary])
@@ -69,6 +80,7 @@ def scan_file(
     teacher_side: VisionSide | None = None,
     template: str = "chat",
     max_length: int | None = None,
+    allow_outside_images: bool = False,
 ) -> CheckReport:
     """Read and validate every record of ``path``; render each good one when sides are given.
 
@@ -79,6 +91,7 @@ def scan_file(
             (images are loaded and preprocessed by both sides).
         template: ``"chat"`` or ``"plain"``.
         max_length: the length limit of the render (needs the sides to count image tokens).
+        allow_outside_images: accept image paths that are absolute or climb out of ``images_dir``.
 
     Raises:
         ValueError: bad arguments, or a configuration bug found while rendering (the sides tokenize differently).
@@ -97,9 +110,11 @@ def scan_file(
         if isinstance(item, BadRecord):
             report.bad.append(item)
             continue
-        problems = validate_record(item, images_dir, template)
+        problems = validate_record(item, images_dir, template, allow_outside_images=allow_outside_images)
         if not problems and student_side is not None:
-            problems = _render_problems(item, images_dir, student_side, teacher_side, template, max_length)
+            problems = _render_problems(
+                item, images_dir, student_side, teacher_side, template, max_length, allow_outside_images
+            )
         if problems:
             report.bad.append(BadRecord(item.source, item.id, tuple(problems)))
         else:
@@ -108,12 +123,18 @@ def scan_file(
 
 
 def _render_problems(
-    record: Record, images_dir: Any, student_side: Any, teacher_side: Any, template: str, max_length: int | None
+    record: Record,
+    images_dir: Any,
+    student_side: Any,
+    teacher_side: Any,
+    template: str,
+    max_length: int | None,
+    allow_outside_images: bool = False,
 ) -> list[Problem]:
     try:
-        images = load_images(record, images_dir)
-    except Exception as e:  # verify() passed but decoding failed (e.g. truncated pixel data)
-        return [Problem("unreadable_image", f"an image cannot be decoded ({type(e).__name__}: {e})")]
+        images = load_images(record, images_dir, allow_outside_images)
+    except RecordError as e:  # e.g. verify() passed but decoding failed (truncated pixel data)
+        return [e.problem]
     try:
         render_pair(record, images, student_side, teacher_side, template, max_length)
     except SampleError as e:
@@ -128,9 +149,10 @@ def check_file(
     teacher_side: VisionSide | None = None,
     max_length: int | None = None,
     template: str = "chat",
+    allow_outside_images: bool = False,
 ) -> CheckReport:
     """The logic of ``emkd data check``: :func:`scan_file` with the arguments in the CLI's order."""
-    return scan_file(path, images_dir, student_side, teacher_side, template, max_length)
+    return scan_file(path, images_dir, student_side, teacher_side, template, max_length, allow_outside_images)
 
 
 class CountingSide(VisionSide):
@@ -180,14 +202,22 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
         metavar=("OPEN", "CLOSE"),
         help="text around each image's tokens, e.g. '<|vision_start|>' '<|vision_end|>'",
     )
+    parser.add_argument(
+        "--allow-outside-images",
+        action="store_true",
+        help="accept image paths that are absolute or climb out of --images with '..' (as the recipe's "
+        "data.allow_outside_images: true); by default they are bad records (image_outside)",
+    )
     parser.add_argument("--limit", type=int, default=None, metavar="N", help="list at most N bad records")
 
 
 def run_check(args: argparse.Namespace) -> int:
-    """Run ``emkd data check`` from parsed arguments; print the report; return 1 if any record is bad, else 0."""
+    """Run ``emkd data check`` from parsed arguments; print the report; return 1 if any record is bad or the file
+    holds no record, 2 when the check cannot run (printed as one line), else 0."""
     side = None
     if args.max_length is not None and (args.tokenizer is None or args.image_tokens is None):
-        print("emkd data check: --max-length needs --tokenizer and --image-tokens to count tokens", file=sys.stderr)
+        print("emkd data check: error: --max-length needs --tokenizer and --image-tokens to count tokens",
+              file=sys.stderr)
         return 2
     if args.tokenizer is not None:
         from transformers import AutoTokenizer
@@ -195,9 +225,10 @@ def run_check(args: argparse.Namespace) -> int:
         tokens = args.image_tokens if args.image_tokens is not None else 1
         side = CountingSide(AutoTokenizer.from_pretrained(args.tokenizer), tokens, tuple(args.image_wrapper))
     try:
-        report = check_file(args.file, args.images, side, side, args.max_length, args.template)
+        report = check_file(args.file, args.images, side, side, args.max_length, args.template,
+                            getattr(args, "allow_outside_images", False))
     except (OSError, ValueError) as e:
-        print(f"emkd data check: {e}", file=sys.stderr)
+        print(f"emkd data check: error: {e}", file=sys.stderr)
         return 2
     print(report.format(args.limit))
     return 0 if report.ok else 1

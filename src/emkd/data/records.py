@@ -12,21 +12,31 @@ Two on-disk formats are read, either as a JSON list or as JSONL (one record per 
 Both become one :class:`Record`: ``messages`` is a tuple of :class:`Turn` ``(role, parts)``, each part a
 :class:`Part` ``("text", text)`` or ``("image", "")``, and ``image_paths`` the paths as written in the file. The
 ``i``-th image marker of the conversation (in reading order) stands for ``image_paths[i]``. Image paths resolve
-relative to ``images_dir`` (the data file's directory when ``images_dir`` is ``None``; absolute paths stay as they
-are).
+relative to ``images_dir`` (the data file's directory when ``images_dir`` is ``None``) and must stay inside it: an
+absolute path, or one that climbs out with ``..``, is an ``image_outside`` problem unless the caller opts out
+(``allow_outside_images=True``; the recipe's ``data.allow_outside_images: true``; ``--allow-outside-images`` on the
+command line). The check is on the path as written (``os.path.normpath``): a symbolic link inside the folder that
+points elsewhere is the user's own choice and is followed.
+
+Files are UTF-8 (a leading byte-order mark is ignored). Bytes are decoded per record: a byte that is not UTF-8 makes
+its own record bad (``encoding``, naming the byte, its line and column), never the whole file. A JSONL file is cut
+into lines at ``\\n`` only (a JSON string may hold U+2028 and friends).
 
 Nothing in a record is changed: unlike LLaVA's ``preprocess_multimodal``, an ``<image>`` marker is not moved to the
 front of its turn and whitespace is not stripped. A record that breaks a rule is reported (:class:`BadRecord`, with
 file, line or list index, id and reasons), never repaired. The rules (:func:`validate_record`):
 
+* ``encoding``: the record's bytes are not UTF-8;
 * ``malformed_json``: a JSONL line (or the whole JSON list file) does not parse;
 * ``malformed_record``: not an object, no ``conversations`` / ``messages``, wrong field types, unknown role or part
   type, a ``video`` field (video samples are not supported);
 * ``roles``: after an optional first ``system`` turn the turns must alternate ``user``, ``assistant``, ``user``, ...,
   starting with ``user`` and ending with ``assistant``; ``system`` anywhere else is a ``roles`` problem too;
 * ``no_assistant``: no assistant turn at all;
+* ``empty_response``: an assistant turn that is empty or only whitespace (nothing to supervise);
 * ``image_in_response``: an ``<image>`` marker inside an assistant turn (image tokens are never supervised);
 * ``image_count``: the number of ``<image>`` markers differs from the number of images;
+* ``image_outside``: an image path that is absolute or climbs out of the images folder (see above);
 * ``missing_image`` / ``unreadable_image``: an image file does not exist, or Pillow cannot open and verify it;
 * ``template``: the ``plain`` template needs exactly one user turn followed by one assistant turn.
 
@@ -35,11 +45,15 @@ Rendering adds ``too_long``, ``image_token_in_text`` and ``template`` problems (
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, NamedTuple
+
+from emkd.errors import UserError
 
 IMAGE_MARKER = "<image>"
 ROLES = ("system", "user", "assistant")
@@ -47,12 +61,15 @@ _LLAVA_ROLES = {"human": "user", "gpt": "assistant", "system": "system", "user":
 
 # problem kinds, in the order a report lists them
 PROBLEM_KINDS = (
+    "encoding",
     "malformed_json",
     "malformed_record",
     "roles",
     "no_assistant",
+    "empty_response",
     "image_in_response",
     "image_count",
+    "image_outside",
     "missing_image",
     "unreadable_image",
     "template",
@@ -139,11 +156,17 @@ class BadRecord:
         return f"{self.source} (id {rid}): " + "; ".join(f"[{p.kind}] {p.reason}" for p in self.problems)
 
 
-class RecordError(ValueError):
-    """A record that cannot be normalised (``malformed_json`` / ``malformed_record``)."""
+class RecordError(UserError):
+    """A record that breaks a rule, as an exception: :attr:`problem` is the :class:`Problem` (``kind``, ``reason``).
 
-    def __init__(self, kind: str, reason: str):
-        super().__init__(reason)
+    Raised while normalising (``malformed_json`` / ``malformed_record``, where the reader adds the place) and by
+    :func:`load_images` (``image_outside``, ``missing_image``, ``unreadable_image``), whose message then starts with
+    the record's file, line or index, and id.
+    """
+
+    def __init__(self, kind: str, reason: str, source: Source | None = None, record_id: str | None = None):
+        where = "" if source is None else f"{source} (id {'?' if record_id is None else repr(record_id)}): [{kind}] "
+        super().__init__(where + reason)
         self.problem = Problem(kind, reason)
 
 
@@ -240,52 +263,182 @@ def parse_record(obj: Any, source: Source) -> Record:
     return Record(id=None if rid is None else str(rid), source=source, messages=messages, image_paths=images)
 
 
-def read_records(path: str | os.PathLike) -> Iterator[Record | BadRecord]:
-    """Yield every record of a JSON list or JSONL file, in file order, as a :class:`Record` or, when it cannot be
-    parsed, a :class:`BadRecord` (``malformed_json`` / ``malformed_record``).
+class RawRecord(NamedTuple):
+    """One decoded JSON value of a data file and where it is (before :func:`parse_record`)."""
 
-    A file whose name ends in ``.jsonl`` or whose first non-blank character is not ``[`` is read as JSONL; blank
-    lines are skipped. A JSON list that does not parse yields one ``malformed_json`` :class:`BadRecord` for the
-    whole file, at the line the parser stopped.
+    source: Source
+    obj: Any
+
+
+_WHITESPACE = " \t\n\r"  # JSON's insignificant whitespace
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")  # what ``surrogateescape`` decodes a non-UTF-8 byte to
+
+
+def _first_bad_byte(text: str, start: int = 0, end: int | None = None) -> int | None:
+    """Position in ``text[start:end]`` of the first byte that was not UTF-8, or ``None``."""
+    found = _ESCAPED_BYTE.search(text, start, len(text) if end is None else end)
+    return None if found is None else found.start()
+
+
+def _line_col(text: str, pos: int) -> tuple[int, int]:
+    """1-based line and column of character ``pos``."""
+    line = text.count("\n", 0, pos) + 1
+    return line, pos - (text.rfind("\n", 0, pos) + 1) + 1
+
+
+def _bad_byte_at(text: str, pos: int) -> str:
+    line, col = _line_col(text, pos)
+    return f"byte 0x{ord(text[pos]) - 0xDC00:02x} at line {line}, column {col} is not UTF-8"
+
+
+def _encoding_problem(text: str, pos: int) -> Problem:
+    return Problem(
+        "encoding",
+        f"{_bad_byte_at(text, pos)}; the file must be UTF-8 encoded (fix this record, or re-encode the file, e.g. "
+        "`iconv -f latin1 -t utf-8`)",
+    )
+
+
+def _record_id(obj: Any) -> str | None:
+    """The ``id`` of a decoded record as a string, its non-UTF-8 bytes (if any) written as ``\\xNN``."""
+    rid = obj.get("id") if isinstance(obj, dict) else None
+    if rid is None:
+        return None
+    return _ESCAPED_BYTE.sub(lambda m: f"\\x{ord(m.group()) - 0xDC00:02x}", str(rid))
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in _WHITESPACE:
+        pos += 1
+    return pos
+
+
+def _json_list(path: str, text: str, start: int) -> Iterator[RawRecord | BadRecord]:
+    """The elements of the JSON list that opens at ``text[start]``, each with its index.
+
+    Parsed one element at a time so that each element's characters are known: an element with a non-UTF-8 byte is
+    a bad record of its own. A syntax error anywhere makes the whole file one ``malformed_json`` record at the line
+    the parser stopped (past a syntax error no element boundary can be trusted); nothing is yielded before it.
+    """
+    decoder = json.JSONDecoder()
+    spans: list[tuple[int, int, Any]] = []
+    pos = _skip_ws(text, start + 1)
+    try:
+        if pos < len(text) and text[pos] == "]":
+            pos += 1
+        else:
+            while True:
+                begin = pos
+                obj, pos = decoder.raw_decode(text, pos)
+                spans.append((begin, pos, obj))
+                pos = _skip_ws(text, pos)
+                if pos < len(text) and text[pos] == ",":
+                    pos = _skip_ws(text, pos + 1)
+                    continue
+                if pos < len(text) and text[pos] == "]":
+                    pos += 1
+                    break
+                raise json.JSONDecodeError("Expecting ',' delimiter or ']'", text, pos)
+        pos = _skip_ws(text, pos)
+        if pos < len(text):
+            raise json.JSONDecodeError("Extra data after the list", text, pos)
+    except json.JSONDecodeError as e:
+        reason = f"invalid JSON: {e}"
+        bad = _first_bad_byte(text)
+        if bad is not None:
+            reason += f" (and {_bad_byte_at(text, bad)})"
+        yield BadRecord(Source(path, line=e.lineno), None, (Problem("malformed_json", reason),))
+        return
+    for index, (begin, end, obj) in enumerate(spans):
+        source = Source(path, index=index)
+        bad = _first_bad_byte(text, begin, end)
+        if bad is not None:
+            yield BadRecord(source, _record_id(obj), (_encoding_problem(text, bad),))
+        else:
+            yield RawRecord(source, obj)
+
+
+def read_objects(path: str | os.PathLike) -> Iterator[RawRecord | BadRecord]:
+    """Every record of a JSON list or JSONL file, decoded but not normalised, in file order: a :class:`RawRecord`
+    or, when its bytes are not UTF-8 (``encoding``) or it does not parse (``malformed_json``), a :class:`BadRecord`.
+
+    A file whose name ends in ``.jsonl`` or whose first non-blank character is not ``[`` is read as JSONL: one record
+    per ``\\n``-separated line, blank lines skipped, each line decoded on its own. A JSON list is read element by
+    element (see :func:`_json_list`).
     """
     path = os.fspath(path)
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    if not path.endswith(".jsonl") and text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            yield BadRecord(Source(path, line=e.lineno), None, (Problem("malformed_json", f"invalid JSON: {e}"),))
-            return
-        for index, obj in enumerate(data):
-            yield _parsed(obj, Source(path, index=index))
+    with open(path, "rb") as fh:
+        data = fh.read()
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    text = data.decode("utf-8", errors="surrogateescape")  # each bad byte becomes one U+DC80..U+DCFF character
+    first = _skip_ws(text, 0)
+    if not path.endswith(".jsonl") and text.startswith("[", first):
+        yield from _json_list(path, text, first)
         return
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    offset = 0
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        begin, offset = offset, offset + len(line) + 1
         if not line.strip():
             continue
         source = Source(path, line=lineno)
+        bad = _first_bad_byte(line)
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            yield BadRecord(source, None, (Problem("malformed_json", f"invalid JSON: {e}"),))
+            problem = _encoding_problem(text, begin + bad) if bad is not None else Problem(
+                "malformed_json", f"invalid JSON: {e}")
+            yield BadRecord(source, None, (problem,))
             continue
-        yield _parsed(obj, source)
+        if bad is not None:
+            yield BadRecord(source, _record_id(obj), (_encoding_problem(text, begin + bad),))
+            continue
+        yield RawRecord(source, obj)
+
+
+def read_records(path: str | os.PathLike) -> Iterator[Record | BadRecord]:
+    """Yield every record of a JSON list or JSONL file, in file order, as a :class:`Record` or, when it cannot be
+    read, a :class:`BadRecord` (``encoding``, ``malformed_json`` or ``malformed_record``).
+
+    Decoding is per record (:func:`read_objects`): a non-UTF-8 byte or a JSONL line that does not parse costs that
+    record only. A JSON list with a syntax error yields one ``malformed_json`` :class:`BadRecord` for the whole
+    file, at the line the parser stopped.
+    """
+    for item in read_objects(path):
+        yield item if isinstance(item, BadRecord) else _parsed(item.obj, item.source)
 
 
 def _parsed(obj: Any, source: Source) -> Record | BadRecord:
     try:
         return parse_record(obj, source)
     except RecordError as e:
-        rid = obj.get("id") if isinstance(obj, dict) else None
-        return BadRecord(source, None if rid is None else str(rid), (e.problem,))
+        return BadRecord(source, _record_id(obj), (e.problem,))
 
 
 # ---- images ---------------------------------------------------------------------------------------------------------
+def image_root(images_dir: str | os.PathLike | None, data_file: str | None = None) -> str:
+    """The folder image paths resolve against: ``images_dir``, or the data file's directory when it is ``None``."""
+    return os.fspath(images_dir) if images_dir is not None else (os.path.dirname(data_file) if data_file else "")
+
+
 def resolve_image(path: str, images_dir: str | os.PathLike | None, data_file: str | None = None) -> str:
     """Where an image path of a record points: under ``images_dir``, or the data file's directory when it is
-    ``None``; an absolute path is returned unchanged."""
-    root = images_dir if images_dir is not None else (os.path.dirname(data_file) if data_file else "")
-    return os.path.join(os.fspath(root), path)
+    ``None``; an absolute path is returned unchanged. Confinement is :func:`outside_problem`'s job."""
+    return os.path.join(image_root(images_dir, data_file), path)
+
+
+def outside_problem(path: str, images_dir: str | os.PathLike | None, data_file: str | None = None) -> Problem | None:
+    """``image_outside`` when ``path`` is absolute or climbs out of the image folder with ``..``, else ``None``."""
+    normal = os.path.normpath(path)
+    if not (os.path.isabs(path) or normal == os.pardir or normal.startswith(os.pardir + os.sep)):
+        return None
+    root = image_root(images_dir, data_file) or os.curdir
+    return Problem(
+        "image_outside",
+        f"image {path!r} is outside the images folder {root} (an absolute path, or one that climbs out with '..'); "
+        "move the image under the folder, or opt out with data.allow_outside_images: true in the recipe "
+        "(--allow-outside-images on the command line)",
+    )
 
 
 def image_problem(path: str, resolved: str) -> Problem | None:
@@ -302,14 +455,31 @@ def image_problem(path: str, resolved: str) -> Problem | None:
     return None
 
 
-def load_images(record: Record, images_dir: str | os.PathLike | None) -> list:
-    """The record's images as RGB PIL images, in marker order (converted to RGB as LLaVA does)."""
+def load_images(
+    record: Record, images_dir: str | os.PathLike | None, allow_outside_images: bool = False
+) -> list:
+    """The record's images as RGB PIL images, in marker order (converted to RGB as LLaVA does).
+
+    Raises:
+        RecordError: ``image_outside`` (unless ``allow_outside_images``), ``missing_image`` or
+            ``unreadable_image``; the message names the record's file, line or index, and id.
+    """
     from PIL import Image
 
     out = []
     for p in record.image_paths:
-        with Image.open(resolve_image(p, images_dir, record.source.file)) as im:
-            out.append(im.convert("RGB"))
+        problem = None if allow_outside_images else outside_problem(p, images_dir, record.source.file)
+        resolved = resolve_image(p, images_dir, record.source.file)
+        if problem is None and not os.path.isfile(resolved):
+            problem = Problem("missing_image", f"image {p!r} not found (looked for {resolved})")
+        if problem is None:
+            try:
+                with Image.open(resolved) as im:
+                    out.append(im.convert("RGB"))
+            except Exception as e:  # Pillow raises many types for broken or truncated files
+                problem = Problem("unreadable_image", f"image {p!r} cannot be decoded ({type(e).__name__}: {e})")
+        if problem is not None:
+            raise RecordError(problem.kind, problem.reason, record.source, record.id)
     return out
 
 
@@ -339,7 +509,11 @@ def role_problems(messages: tuple[Turn, ...]) -> list[Problem]:
 
 
 def validate_record(
-    record: Record, images_dir: str | os.PathLike | None, template: str = "chat", check_images: bool = True
+    record: Record,
+    images_dir: str | os.PathLike | None,
+    template: str = "chat",
+    check_images: bool = True,
+    allow_outside_images: bool = False,
 ) -> list[Problem]:
     """Every structural problem of ``record`` (empty when it is good). Rendering checks come later.
 
@@ -348,6 +522,7 @@ def validate_record(
         images_dir: where image paths resolve (``None``: the data file's directory).
         template: ``"chat"`` or ``"plain"`` (the latter needs exactly ``[user, assistant]``).
         check_images: open and verify every image with Pillow (``False``: existence only).
+        allow_outside_images: accept absolute image paths and paths that climb out of the image folder.
     """
     problems = role_problems(record.messages)
     if not problems and template == "plain" and [t.role for t in record.messages] != ["user", "assistant"]:
@@ -359,12 +534,19 @@ def validate_record(
             )
         )
     for k, turn in enumerate(record.messages):
+        if turn.role == "assistant" and not turn.text.strip():
+            problems.append(Problem("empty_response", f"turn {k} (assistant) is empty: nothing to supervise"))
+    for k, turn in enumerate(record.messages):
         if turn.role == "assistant" and turn.num_images:
             problems.append(Problem("image_in_response", f"turn {k} (assistant) contains an <image> marker"))
     n_markers, n_images = record.num_image_markers, len(record.image_paths)
     if n_markers != n_images:
         problems.append(Problem("image_count", f"{n_markers} <image> markers but {n_images} images"))
     for p in record.image_paths:
+        outside = None if allow_outside_images else outside_problem(p, images_dir, record.source.file)
+        if outside is not None:
+            problems.append(outside)
+            continue
         resolved = resolve_image(p, images_dir, record.source.file)
         if check_images:
             problem = image_problem(p, resolved)

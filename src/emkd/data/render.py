@@ -47,13 +47,17 @@ from typing import Any
 import torch
 
 from emkd.data.records import IMAGE_MARKER, Problem, Record
+from emkd.errors import UserError
 from emkd.inputs import IGNORE_INDEX
 
 TEMPLATES = ("plain", "chat")
 
 
-class SampleError(ValueError):
-    """A record that cannot be rendered for a reason of its own (reported as a :class:`Problem` of ``kind``)."""
+class SampleError(UserError):
+    """A record that cannot be rendered for a reason of its own (reported as a :class:`Problem` of ``kind``).
+
+    A :class:`~emkd.errors.UserError`: the data is what needs fixing. The message is the reason alone; whoever
+    raises it past a record's scan (:class:`~emkd.data.PairDataset`) adds the record's file, line and id."""
 
     def __init__(self, kind: str, reason: str):
         super().__init__(reason)

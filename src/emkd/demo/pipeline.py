@@ -125,7 +125,7 @@ def run_train(recipe: str, overrides: list[str], log: Progress) -> dict[str, Any
 
     config = load_recipe(_recipe(recipe), overrides)
     log(f"train {recipe}: method={config.method} stage={config.stage} steps={config.max_steps} -> {config.output_dir}")
-    summary = train(config)
+    summary = train(config, overwrite=True)  # the demo owns runs/demo and reruns into it
     log(f"  done: {summary['global_step']} steps, mean loss {summary['train_loss']:.4f}")
     return summary
 

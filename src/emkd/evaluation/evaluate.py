@@ -49,7 +49,16 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from emkd.data.records import BadRecord, Problem, Record, Source, load_images, read_records, validate_record
+from emkd.data.records import (
+    BadRecord,
+    Problem,
+    Record,
+    Source,
+    load_images,
+    read_objects,
+    read_records,
+    validate_record,
+)
 from emkd.data.render import RenderedText, SampleError, encode, render_text
 from emkd.evaluation.normalize import LETTERS, extract_choice, is_correct
 from emkd.models.base import VisionSide
@@ -77,15 +86,10 @@ class EvalSample:
 
 
 def _raw_object(path: str, source: Source, cache: dict[str, Any]) -> Any:
-    """The decoded JSON value a :class:`Record` was parsed from (its ``line`` in JSONL, ``index`` in a list)."""
-    if "lines" not in cache:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-        cache["lines"] = text.splitlines()
-        cache["list"] = json.loads(text) if source.index is not None else None
-    if source.index is not None:
-        return cache["list"][source.index]
-    return json.loads(cache["lines"][source.line - 1])
+    """The decoded JSON value a :class:`Record` was parsed from, decoded as :func:`read_records` decodes it."""
+    if "objects" not in cache:
+        cache["objects"] = {item.source: item.obj for item in read_objects(path) if not isinstance(item, BadRecord)}
+    return cache["objects"][source]
 
 
 def _meta_problems(obj: Any, record: Record) -> tuple[str, tuple[str, ...] | None, list[Problem]]:

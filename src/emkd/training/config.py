@@ -48,6 +48,11 @@ class DataConfig:
     template: str = _help("'plain' (caption alignment) or 'chat' (the tokenizer's chat template)", default="chat")
     max_length: int = _help("maximum tokens per rendered sample (prompt + vision tokens must fit)", default=2048)
     on_bad_sample: str = _help("'error' stops at the first bad record, 'skip' drops and counts it", default="error")
+    allow_outside_images: bool = _help(
+        "read image paths that are absolute or climb out of data.images with '..' (by default such a record is "
+        "bad: image_outside)",
+        default=False,
+    )
 
     def __post_init__(self) -> None:
         if self.template not in TEMPLATES:
@@ -86,7 +91,19 @@ class TrainConfig:
     seed: int = _help("seed of initialisation, data order and sampling", default=0)
     logging_steps: int = _help("log every N optimizer steps", default=1)
     save_steps: int = _help("checkpoint every N optimizer steps (0: only at the end)", default=0)
-    save_total_limit: int = _help("checkpoints kept", default=2)
+    save_total_limit: int = _help(
+        "complete checkpoints kept (0: all); older ones are deleted only after a newer one is written and verified",
+        default=2,
+    )
+    on_nonfinite: str = _help(
+        "when a step's loss, a loss component, the gradient norm or the weights are NaN or infinite: 'stop' ends the "
+        "run before that update (the newest complete checkpoint stays the last good one; `emkd train` exits 3); "
+        "'skip' drops the update, counts it and goes on",
+        default="stop",
+    )
+    max_consecutive_nonfinite: int = _help(
+        "with on_nonfinite=skip: stop after this many non-finite steps in a row", default=3
+    )
     train_vision_tower: bool = _help("also train the vision tower in 'instruct'/'sft'/'dft'", default=False)
     teacher_dtype: str = _help(
         "dtype the teacher runs in: float32, bfloat16 or float16 (with teacher_cache: the cache's own dtypes)",
@@ -120,6 +137,68 @@ class TrainConfig:
             raise ValueError(f"batch_size and grad_accum must be >= 1, got {self.batch_size}, {self.grad_accum}")
         if self.teacher_dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"teacher_dtype must be float32, bfloat16 or float16, got {self.teacher_dtype!r}")
+        _check_types(self, "")
+        _check_types(self.data, "data.")
+        _check_ranges(self)
+        from emkd.training.methods import check_loss_options  # the losses, not the models
+
+        self.loss = check_loss_options(self.method, self.loss)
+
+
+# (key, test, what the key must be) for every numeric key with a range; checked at load, before any model.
+_RANGES = [
+    ("max_steps", lambda v: v == -1 or v >= 1, "-1 (run num_epochs) or >= 1"),
+    ("num_epochs", lambda v: 0 < v < float("inf"), "a positive number"),
+    ("learning_rate", lambda v: 0 < v < float("inf"), "a positive number"),
+    ("weight_decay", lambda v: 0 <= v < float("inf"), ">= 0"),
+    ("warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("max_grad_norm", lambda v: 0 <= v < float("inf"), ">= 0 (0: no clipping)"),
+    ("logging_steps", lambda v: v >= 1, ">= 1"),
+    ("save_steps", lambda v: v >= 0, ">= 0 (0: only at the end)"),
+    ("save_total_limit", lambda v: v >= 0, ">= 0 (0: keep all)"),
+    ("dataloader_workers", lambda v: v >= 0, ">= 0"),
+    ("max_consecutive_nonfinite", lambda v: v >= 1, ">= 1"),
+]
+
+
+def _check_ranges(config: TrainConfig) -> None:
+    for key, ok, expected in _RANGES:
+        value = getattr(config, key)
+        if not ok(value):
+            raise ValueError(f"{key} must be {expected}, got {value!r}")
+    if config.on_nonfinite not in ("stop", "skip"):
+        raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {config.on_nonfinite!r}")
+    from transformers import SchedulerType
+
+    schedulers = [s.value for s in SchedulerType]
+    if config.lr_scheduler not in schedulers:
+        close = difflib.get_close_matches(str(config.lr_scheduler), schedulers, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"one of {', '.join(schedulers)}"
+        raise ValueError(f"lr_scheduler {config.lr_scheduler!r} is not a transformers scheduler ({hint})")
+
+
+_SCALARS = {"int": int, "float": float, "bool": bool, "str": str, "dict": dict}
+
+
+def _field_type(f: dataclasses.Field) -> tuple[type | None, bool]:
+    """(``int``/``float``/``bool``/``str``/``dict`` or None for other types, whether ``None`` is allowed)."""
+    text = str(f.type)
+    optional = text.endswith(" | None")
+    return _SCALARS.get(text.removesuffix(" | None")), optional
+
+
+def _check_types(config: Any, prefix: str) -> None:
+    """Every scalar field holds its declared type: ``max_steps=1.5`` or ``train_vision_tower=maybe`` is an error here,
+    at load, not a ``TypeError`` inside the first step."""
+    for f in dataclasses.fields(config):
+        kind, optional = _field_type(f)
+        value = getattr(config, f.name)
+        if kind is None or (value is None and optional):
+            continue
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            continue  # an int is a fine float
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise ValueError(f"{prefix}{f.name} must be {kind.__name__}{' or null' if optional else ''}, got {value!r}")
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
@@ -139,7 +218,8 @@ def _coerce(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
             try:
                 out[f.name] = float(value) if kind == "float" else int(value)
             except ValueError:
-                raise ValueError(f"{f.name} must be {kind}, got {value!r}") from None
+                prefix = "data." if cls is DataConfig else ""
+                raise ValueError(f"{prefix}{f.name} must be {kind}, got {value!r}") from None
         elif isinstance(value, int) and not isinstance(value, bool) and kind == "float":
             out[f.name] = float(value)
     return out

@@ -14,11 +14,20 @@ DeepSpeed), so gradients are synchronised.
 | ``llava_kd`` | LLaVA-KD MDist + RDist (LLaVA-KD* with matching when token counts differ) |
 | ``align_ti`` | Align-TI: ``CE + IVA + KD + TPA`` |
 | ``emkd`` | EM-KD: ``alpha SUP + (1 - alpha) RLD + beta VSD + gamma VLAD`` |
+
+A method's loss options (the recipe's ``loss:`` mapping) are the keyword parameters of the callable it hands them to
+(:meth:`Method.loss_callable`: the loss class, or Align-TI's step function). :func:`check_loss_options` checks their
+names and types against that signature, and the values by building the method, when the recipe loads, before any model.
 """
 
 from __future__ import annotations
 
+import difflib
+import inspect
+import types
+import typing
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -41,9 +50,24 @@ class Method(ABC):
 
     name: ClassVar[str]
     needs_teacher: ClassVar[bool] = True
+    #: parameters of :meth:`loss_callable` that the method fills itself (models, batch) or ignores: not options
+    not_options: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, **loss_kwargs: Any) -> None:
         self.loss_kwargs = loss_kwargs
+
+    @classmethod
+    def loss_callable(cls) -> Callable[..., Any]:
+        """The loss class or function the ``loss:`` mapping is passed to; its signature defines the options."""
+        raise NotImplementedError
+
+    @classmethod
+    def loss_options(cls) -> dict[str, inspect.Parameter]:
+        """Option name -> parameter (annotation and default) of :meth:`loss_callable`."""
+        signature = inspect.signature(cls.loss_callable(), eval_str=True)
+        keyword = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        return {name: p for name, p in signature.parameters.items()
+                if p.kind in keyword and name != "self" and name not in cls.not_options}
 
     @abstractmethod
     def __call__(
@@ -73,21 +97,82 @@ def register_method(cls: type[Method]) -> type[Method]:
 
 
 def build_method(name: str, **loss_kwargs: Any) -> Method:
+    """The method ``name`` with its loss options checked (:func:`check_loss_options`) and taken in their types."""
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; registered: {sorted(METHODS)}")
-    return METHODS[name](**loss_kwargs)
+    cls = METHODS[name]
+    options = _typed_options(cls, loss_kwargs)
+    try:
+        return cls(**options)
+    except (ValueError, TypeError) as e:  # the loss's own checks of the values (choices, ranges)
+        raise ValueError(f"loss options of method {name!r}: {e}") from e
+
+
+def check_loss_options(method: str, options: dict[str, Any]) -> dict[str, Any]:
+    """Check the recipe's ``loss:`` mapping against ``method``'s loss signature without loading any model.
+
+    Unknown names (with the closest known one), values of the wrong type (``loss.alpha=abc`` for a float) and values
+    the loss refuses (``loss.matching=nearest``) are ``ValueError`` naming the ``loss.KEY``. Returns the options in
+    their declared types: YAML's ``1e-3`` (a string) and ``0`` for a float become floats.
+    """
+    return dict(build_method(method, **options).loss_kwargs)
+
+
+def _typed_options(cls: type[Method], options: dict[str, Any]) -> dict[str, Any]:
+    known = cls.loss_options()
+    out = {}
+    for key, value in options.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=1)
+            hint = f"did you mean 'loss.{close[0]}'?" if close else f"options: {', '.join(sorted(known)) or 'none'}"
+            raise ValueError(f"unknown loss option 'loss.{key}' of method {cls.name!r} ({hint})")
+        out[key] = _typed_value(f"loss.{key}", value, known[key].annotation)
+    return out
+
+
+def _typed_value(key: str, value: Any, annotation: Any) -> Any:
+    """``value`` as ``annotation`` asks (int, float, str, bool, optionally ``| None``); other annotations pass."""
+    if annotation is inspect.Parameter.empty or annotation is Any:
+        return value
+    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    allowed = set(typing.get_args(annotation)) if is_union else {annotation}
+    if value is None and type(None) in allowed:
+        return None
+    simple = allowed & {bool, int, float, str}
+    if not simple or len(allowed - {type(None)}) != len(simple):
+        return value  # e.g. a tensor or a generator: not something a recipe sets
+    if isinstance(value, bool):
+        if bool in simple:
+            return value
+    elif isinstance(value, int) and (int in simple or float in simple):
+        return value if int in simple else float(value)
+    elif isinstance(value, float) and float in simple:
+        return value
+    elif isinstance(value, str):
+        if str in simple:
+            return value
+        for kind in (int, float):  # YAML reads 1e-3 as a string
+            if kind in simple:
+                try:
+                    return kind(value)
+                except ValueError:
+                    pass
+    names = " or ".join(t.__name__ for t in (bool, int, float, str) if t in simple)
+    raise ValueError(f"{key} must be {names}{' or null' if type(None) in allowed else ''}, got {value!r}")
 
 
 @register_method
 class SFT(Method):
     name = "sft"
     needs_teacher = False
+    # cross-entropy only: its options are head_divergences' implementation and chunk_size
+    not_options = frozenset({"student", "hs", "teacher", "ht", "kinds", "temperature", "targets", "jsd_beta"})
+
+    @classmethod
+    def loss_callable(cls):
+        return head_divergences
 
     def __call__(self, student, teacher, batch, model=None) -> StepOutput:
-        unknown = set(self.loss_kwargs) - {"implementation", "chunk_size"}
-        if unknown:
-            raise ValueError(f"method 'sft' takes only implementation and chunk_size, got {sorted(unknown)}")
-
         def loss_fn(inputs):
             rows = head_divergences(inputs, inputs.response_hidden(), None, None, ("ce",),
                                     targets=inputs.response_targets, **self.loss_kwargs)["ce"]  # (R,)
@@ -119,6 +204,10 @@ class _LossMethod(Method):
 class KD(_LossMethod):
     name = "kd"
 
+    @classmethod
+    def loss_callable(cls):
+        return KDLoss
+
     def build_loss(self):
         return KDLoss(**{"divergence": "forward", "ce_weight": 1.0, "kd_weight": 1.0, **self.loss_kwargs})
 
@@ -126,6 +215,10 @@ class KD(_LossMethod):
 @register_method
 class RKL(_LossMethod):
     name = "rkl"
+
+    @classmethod
+    def loss_callable(cls):
+        return KDLoss
 
     def build_loss(self):
         return KDLoss(**{"divergence": "reverse", "ce_weight": 0.5, "kd_weight": 0.5, **self.loss_kwargs})
@@ -135,6 +228,10 @@ class RKL(_LossMethod):
 class LlavaKD(_LossMethod):
     name = "llava_kd"
 
+    @classmethod
+    def loss_callable(cls):
+        return LlavaKDLoss
+
     def build_loss(self):
         return LlavaKDLoss(**self.loss_kwargs)
 
@@ -142,6 +239,10 @@ class LlavaKD(_LossMethod):
 @register_method
 class EMKD(_LossMethod):
     name = "emkd"
+
+    @classmethod
+    def loss_callable(cls):
+        return EMKDLoss
 
     def build_loss(self):
         return EMKDLoss(**self.loss_kwargs)
@@ -155,6 +256,13 @@ class AlignTI(Method):
     (``fused``)."""
 
     name = "align_ti"
+    not_options = frozenset({"student_adapter", "teacher_adapter", "batch", "generator", "student_model"})
+
+    @classmethod
+    def loss_callable(cls):
+        from emkd.training.align_ti import align_ti_step
+
+        return align_ti_step
 
     def __call__(self, student, teacher, batch, model=None) -> StepOutput:
         from emkd.training.align_ti import align_ti_step

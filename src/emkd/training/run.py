@@ -5,28 +5,227 @@
 identically, sets what the stage trains, builds the pair data set, and runs
 :class:`~emkd.training.trainer.DistillTrainer`. Under ``torchrun`` every process runs this same function; the
 Trainer splits the batches.
+
+``output_dir`` belongs to one run: while it trains it holds ``emkd.lock`` (:class:`RunLock`), and a new run into a
+folder that already holds something is refused unless it continues that run (``resume=True``, ``--resume``) or
+replaces it (``overwrite=True``, ``--overwrite``). All of this is decided before any model loads.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from transformers import TrainingArguments, set_seed
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs go unlocked
+    fcntl = None
 
 from emkd.data import PairCollator, PairDataset
 from emkd.models import EfficientMLLMAdapter, check_same_tokenization, load_student, load_teacher
 from emkd.compat import installed_versions
+from emkd.errors import NonFiniteError, OutputDirError, UserError
 from emkd.training.config import TrainConfig, check_paths
 from emkd.training.methods import build_method
 from emkd.training.stages import apply_stage
 from emkd.training.teacher_cache import CachedTeacher, load_cached_teacher
-from emkd.training.trainer import DistillTrainer, InterruptCallback, JsonlLogger, last_complete_checkpoint
+from emkd.training.trainer import (
+    COMPLETE_MARKER,
+    DAMAGED_PREFIX,
+    DistillTrainer,
+    InterruptCallback,
+    JsonlLogger,
+    last_complete_checkpoint,
+    select_resume_checkpoint,
+    truncate_log,
+)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+LOCK_FILE = "emkd.lock"
+# What a run writes into output_dir (all that --overwrite deletes; anything else there is left alone).
+RUN_FILES = ("log.jsonl", "recipe.json", "environment.json", "summary.json", "final", "final.partial", "final.old")
+# Recipe keys a resumed run may change: they do not change what is being trained (the length of the run does: a
+# longer max_steps stretches the schedule from the checkpoint on). The learning rate and its schedule are not among
+# them: the checkpoint's optimizer and scheduler states would silently override a new value.
+NOT_FINGERPRINTED = ("output_dir", "logging_steps", "save_steps", "save_total_limit", "dataloader_workers", "path_help",
+                     "on_nonfinite", "max_consecutive_nonfinite", "max_steps", "num_epochs")
+
+
+def run_recipe(config: TrainConfig) -> dict[str, Any]:
+    """The recipe values that decide the training trajectory, as JSON: every checkpoint records them (and their
+    fingerprint), and ``--resume`` takes only checkpoints that recorded the same."""
+    values = dataclasses.asdict(config)
+    for key in NOT_FINGERPRINTED:
+        values.pop(key, None)
+    return json.loads(json.dumps(values))
+
+
+def _launch_rank() -> int:
+    """This process's rank under ``torchrun`` (``RANK``), known before the process group exists."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _describe(holder: dict[str, Any]) -> str:
+    return f"pid {holder.get('pid', '?')} on {holder.get('host', '?')}, started {holder.get('started', '?')}"
+
+
+class RunLock:
+    """``output_dir/emkd.lock``: held with ``flock`` while a run is alive.
+
+    The kernel releases the lock when its process ends, however it ends (``kill -9`` included), so a lock left by a
+    dead run is taken over, with a warning naming it; one held by a live run refuses the second run with
+    :class:`~emkd.errors.OutputDirError` naming the holder (pid, host, start time, which the file records). Under
+    ``torchrun`` only rank 0 takes it. On file systems without ``flock`` (some network mounts) ``acquire`` warns and
+    runs unlocked.
+    """
+
+    def __init__(self, output_dir: str | Path) -> None:
+        self.path = Path(output_dir) / LOCK_FILE
+        self.previous: dict[str, Any] | None = None  # what a dead run left in the file
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if fcntl is None:
+            return
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = self._read(fd)
+                os.close(fd)
+                raise OutputDirError(
+                    f"output_dir={self.path.parent} is in use by another emkd run ({_describe(holder)}): wait for it "
+                    f"to finish or stop it, or choose another output_dir"
+                ) from None
+            except OSError as e:  # flock not supported here
+                os.close(fd)
+                print(f"emkd train: warning: cannot lock {self.path} ({e}); two runs into one output_dir will not be "
+                      "detected", file=sys.stderr)
+                return
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # the file was removed (its run ended) between our open and our lock: lock the new one
+        self.previous = self._read(fd) or None
+        if self.previous:
+            print(f"emkd train: warning: output_dir={self.path.parent}: took over the lock of a run that is no longer "
+                  f"running ({_describe(self.previous)}); it ended without cleaning up (killed?)", file=sys.stderr)
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "argv": sys.argv}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        os.fsync(fd)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        try:
+            os.unlink(self.path)  # while still holding it: a run waiting on the old file notices (see acquire)
+        except FileNotFoundError:
+            pass
+        os.close(self._fd)
+        self._fd = None
+
+    @staticmethod
+    def _read(fd: int) -> dict[str, Any]:
+        try:
+            data = json.loads(os.pread(fd, 1 << 16, 0) or b"{}")
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def prepare_output_dir(config: TrainConfig, resume: bool, overwrite: bool) -> Path | None:
+    """Make ``output_dir`` ready for this run; return the checkpoint to resume from, or ``None``.
+
+    * a fresh run (neither flag) needs an empty or absent folder (``emkd.lock`` aside);
+    * ``overwrite`` deletes what an earlier run wrote (checkpoints, ``final``, logs, ``recipe.json``, ...);
+    * ``resume`` takes the newest intact checkpoint of the same recipe (:func:`select_resume_checkpoint`). Newer
+      damaged checkpoints are set aside as ``damaged-checkpoint-N`` with a warning naming what is wrong, unfinished
+      ones deleted, and ``log.jsonl`` cut back to the checkpoint's step. With no checkpoint at all it starts from
+      step 0, unless the folder holds a finished model (``final``) or only damaged checkpoints: that is refused.
+
+    Raises :class:`~emkd.errors.OutputDirError` (nothing on disk changed) when the folder cannot be used as asked.
+    """
+    out = Path(config.output_dir)
+    entries = sorted(p.name for p in out.iterdir() if p.name != LOCK_FILE) if out.is_dir() else []
+    if overwrite:
+        removed = [name for name in entries
+                   if name in RUN_FILES or name.startswith(("checkpoint-", DAMAGED_PREFIX + "checkpoint-"))]
+        for name in removed:
+            _remove(out / name)
+        if removed:
+            print(f"--overwrite: removed {', '.join(removed)} from {out}")
+        return None
+    if not resume:
+        if entries:
+            listed = ", ".join(entries[:6]) + (f" and {len(entries) - 6} more" if len(entries) > 6 else "")
+            raise OutputDirError(
+                f"output_dir={out} already holds files ({listed}): pass --resume to continue the run there, "
+                f"--overwrite to delete it and start over, or choose another output_dir"
+            )
+        return None
+    plan = select_resume_checkpoint(out, run_recipe(config))
+    if plan.checkpoint is None and plan.damaged:
+        damaged = "; ".join(f"{p.name}: {', '.join(why)}" for p, why in plan.damaged.items())
+        raise OutputDirError(f"--resume: no intact checkpoint in {out} ({damaged}); nothing was changed. Pass "
+                             f"--overwrite to start over")
+    if plan.checkpoint is None and (out / "final").exists():
+        raise OutputDirError(f"--resume: {out} holds a finished model (final/) and no checkpoint to continue from; "
+                             f"pass --overwrite to train again")
+    for path, why in plan.damaged.items():
+        aside = path.with_name(DAMAGED_PREFIX + path.name)
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(path, aside)
+        fallback = plan.checkpoint.name if plan.checkpoint else "step 0"
+        print(f"emkd train: warning: {path} is damaged ({'; '.join(why)}); moved to {aside.name}, resuming from "
+              f"{fallback}", file=sys.stderr)
+    for path in plan.incomplete:
+        shutil.rmtree(path)
+        print(f"emkd train: warning: deleted {path}: its save did not finish (no {COMPLETE_MARKER} marker)",
+              file=sys.stderr)
+    step = int(plan.checkpoint.name.split("-")[1]) if plan.checkpoint else 0
+    if plan.checkpoint is None:
+        print(f"--resume: no complete checkpoint in {out}; starting from the beginning")
+    dropped = truncate_log(out / "log.jsonl", step)
+    if dropped:
+        print(f"--resume: removed {dropped} records after step {step} from {out / 'log.jsonl'}")
+    return plan.checkpoint
+
+
+def _share(value: Any) -> Any:
+    """Rank 0's ``value`` on every process (the decisions about ``output_dir`` are rank 0's)."""
+    if dist.is_available() and dist.is_initialized():
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+    return value
 
 
 def training_arguments(config: TrainConfig, **overrides: Any) -> TrainingArguments:
@@ -106,6 +305,7 @@ def build_trainer(config: TrainConfig, source: str = "the recipe") -> DistillTra
         template=config.data.template,
         max_length=config.data.max_length,
         on_bad_sample=config.data.on_bad_sample,
+        allow_outside_images=config.data.allow_outside_images,
     )
     cached = isinstance(teacher, CachedTeacher)
     if cached:
@@ -118,54 +318,109 @@ def build_trainer(config: TrainConfig, source: str = "the recipe") -> DistillTra
         method=method,
         student_adapter=student,
         teacher_adapter=teacher,
+        on_nonfinite=config.on_nonfinite,
+        max_consecutive_nonfinite=config.max_consecutive_nonfinite,
+        recipe=run_recipe(config),
         callbacks=[JsonlLogger(Path(config.output_dir) / "log.jsonl")],
     )
     trainer.student_side = student_side
     return trainer
 
 
-def train(config: TrainConfig, resume: bool = False, source: str = "the recipe") -> dict[str, Any]:
+def train(config: TrainConfig, resume: bool = False, source: str = "the recipe", overwrite: bool = False) -> dict[str, Any]:
     """Run a recipe; return a summary (steps, final loss, where the model is, skipped records).
 
     Besides checkpoints and logs, ``output_dir`` receives ``recipe.json`` (the resolved recipe) and
     ``environment.json`` (Python's and the libraries' versions, :func:`emkd.compat.installed_versions`).
+
+    ``resume`` continues the run in ``output_dir`` from its newest intact checkpoint; ``overwrite`` deletes that run
+    and starts over; with neither, ``output_dir`` must be empty or absent (:func:`prepare_output_dir`). A run that
+    stops on a non-finite value raises :class:`~emkd.errors.NonFiniteError` (its ``summary.json`` says so); an
+    interrupted one returns ``interrupted=True`` and the ``signal``, and writes no ``final``.
     """
-    trainer = build_trainer(config, source)
+    if resume and overwrite:
+        raise UserError("--resume continues the run in output_dir and --overwrite deletes it: pass one of them")
+    check_paths(config, source)  # before the folder is touched (--overwrite deletes)
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
-    (out / "environment.json").write_text(json.dumps(installed_versions(), indent=2))
-    checkpoint = None
-    if resume:
-        checkpoint = last_complete_checkpoint(out)
-        if checkpoint is None:
-            print(f"--resume: no complete checkpoint in {out}; starting from the beginning")
+    lock = RunLock(out)
+    if _launch_rank() == 0:
+        lock.acquire()
+    try:
+        return _train_locked(config, resume, overwrite, source)
+    finally:
+        lock.release()
+
+
+def _train_locked(config: TrainConfig, resume: bool, overwrite: bool, source: str) -> dict[str, Any]:
+    out = Path(config.output_dir)
+    checkpoint = prepare_output_dir(config, resume, overwrite) if _launch_rank() == 0 else None
+    trainer = build_trainer(config, source)
+    checkpoint = _share(str(checkpoint) if checkpoint else None)
+    if trainer.args.should_save:
+        (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+        (out / "environment.json").write_text(json.dumps(installed_versions(), indent=2))
+        (out / "summary.json").unlink(missing_ok=True)  # an earlier attempt's
     interrupt = InterruptCallback()
     trainer.add_callback(interrupt)
     interrupt.install()
     try:
-        result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        result = trainer.train(resume_from_checkpoint=checkpoint)
+    except NonFiniteError as e:
+        for callback in trainer.callback_handler.callbacks:  # close the progress bar before the error is printed
+            bar = getattr(callback, "training_bar", None)
+            if bar is not None:
+                bar.close()
+                callback.training_bar = None
+        if trainer.args.should_save:
+            (out / "summary.json").write_text(json.dumps({
+                "status": "nonfinite", "global_step": trainer.state.global_step, "error": str(e),
+                "last_complete_checkpoint": str(last_complete_checkpoint(out) or "") or None,
+                "resumed_from": checkpoint}, indent=2))
+        raise
     finally:
         interrupt.uninstall()
     skipped = trainer.train_dataset.skipped
     summary = {
+        "status": "interrupted" if interrupt.interrupted else "finished",
         "global_step": trainer.state.global_step,
         "train_loss": result.training_loss,
         "interrupted": interrupt.interrupted,
+        "signal": signal_name(interrupt.signum),
         "skipped_records": len(skipped),
-        "resumed_from": str(checkpoint) if checkpoint else None,
+        "nonfinite_skipped": trainer.guard.skipped,
+        "resumed_from": checkpoint,
     }
     if skipped:
         print(f"skipped {len(skipped)} bad records:")
         for bad in skipped[:20]:
             print(f"  {bad}")
     if not interrupt.interrupted:
-        final = out / "final"
-        trainer.save_model(str(final))
-        if trainer.args.should_save:
-            trainer.student_side.tokenizer.save_pretrained(final)
-            trainer.student_side.image_processor.save_pretrained(final)
-        summary["final_model"] = str(final)
+        summary["final_model"] = str(save_final(trainer, out))
+    else:
+        summary["last_complete_checkpoint"] = str(last_complete_checkpoint(out) or "") or None
     if trainer.args.should_save:
         (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def signal_name(signum: int | None) -> str | None:
+    return signal.Signals(signum).name if signum else None
+
+
+def save_final(trainer: DistillTrainer, out: Path) -> Path:
+    """Write ``out/final`` whole or not at all: into ``final.partial``, then renamed; never from non-finite weights."""
+    final, partial, old = out / "final", out / "final.partial", out / "final.old"
+    trainer.guard.check_saveable(trainer.model, None, f"the final model {final}", trainer.args, trainer.state.global_step)
+    if trainer.args.should_save and partial.exists():
+        shutil.rmtree(partial)
+    trainer.save_model(str(partial))
+    if trainer.args.should_save:
+        trainer.student_side.tokenizer.save_pretrained(partial)
+        trainer.student_side.image_processor.save_pretrained(partial)
+        if final.exists():
+            os.replace(final, old)
+        os.replace(partial, final)
+        shutil.rmtree(old, ignore_errors=True)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+    return final

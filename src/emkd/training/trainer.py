@@ -6,17 +6,29 @@ DeepSpeed), gradient accumulation, schedulers, checkpointing and resume. It adds
 
 * every loss component averaged over the logging window (and over processes) in each log record, written to
   ``output_dir/log.jsonl`` as well as the console;
+* a finiteness guard (:class:`NonFiniteGuard`) on every optimizer step: the loss, each of its components and the
+  gradient norm are checked *before* the update is applied, the weights after it; a non-finite value stops the run
+  (or, with ``on_nonfinite="skip"``, drops that update) and nothing non-finite is ever saved;
 * interrupt safety: SIGTERM / SIGINT ask for a checkpoint at the end of the current optimizer step, then stop;
-* complete-checkpoint markers: a checkpoint counts only once ``emkd-complete`` is written after every file in it,
-  so a crash while saving never leaves a checkpoint that ``--resume`` would load.
+* verified checkpoints, in this order: save every file, read each back for its size and SHA-256 (and parse the
+  safetensors headers and ``trainer_state.json``), write the ``emkd-complete`` marker that records them and the
+  recipe's fingerprint, *then* delete checkpoints beyond ``save_total_limit``. A crash at any point leaves the
+  previous complete checkpoint in place, and :func:`select_resume_checkpoint` takes only a checkpoint whose files
+  still match their marker and whose recipe is the one being resumed.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
+import re
+import shutil
 import signal
+import sys
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +36,26 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
+from emkd.errors import NonFiniteError, OutputDirError
 from emkd.models.base import DistillAdapter
 from emkd.training.methods import Method
 
 COMPLETE_MARKER = "emkd-complete"
+MARKER_FORMAT = 2  # 1 (emkd before checksums): {"global_step"} only
+DAMAGED_PREFIX = "damaged-"  # a damaged checkpoint set aside by --resume: damaged-checkpoint-N
+_CHECKPOINT = re.compile(r"checkpoint-(\d+)")
 
 
 def _is_main() -> bool:
     return not dist.is_available() or not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _warn(message: str) -> None:
+    print(f"emkd train: warning: {message}", file=sys.stderr, flush=True)
 
 
 class JsonlLogger(TrainerCallback):
@@ -48,11 +72,47 @@ class JsonlLogger(TrainerCallback):
             f.write(json.dumps({"step": state.global_step, **logs}) + "\n")
 
 
+def truncate_log(path: str | Path, step: int) -> int:
+    """Keep the records of ``path`` up to ``step`` (a resumed run logs the later steps again); return how many were
+    dropped. A line cut short by a crash is dropped too. The file is replaced atomically."""
+    path = Path(path)
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, path)
+    return dropped
+
+
+class Interrupted(KeyboardInterrupt):
+    """A second SIGTERM / SIGINT while the first one's checkpoint is pending: stop at once, saving nothing."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"a second {signal.Signals(signum).name}: stopped without saving")
+        self.signum = signum
+
+
 class InterruptCallback(TrainerCallback):
-    """On SIGTERM or SIGINT, save a checkpoint after the current optimizer step and stop training."""
+    """On SIGTERM or SIGINT, save a checkpoint after the current optimizer step and stop training.
+
+    ``signum`` is the signal received (``None`` if none): ``emkd train`` exits with ``128 + signum``.
+    """
 
     def __init__(self) -> None:
         self.interrupted = False
+        self.signum: int | None = None
         self._previous: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -66,8 +126,9 @@ class InterruptCallback(TrainerCallback):
 
     def _handle(self, signum, frame) -> None:
         if self.interrupted:  # a second signal: give up at once
-            raise KeyboardInterrupt
+            raise Interrupted(signum)
         self.interrupted = True
+        self.signum = signum
 
     def on_step_end(self, args, state, control, **kwargs):
         if self.interrupted:
@@ -76,23 +137,345 @@ class InterruptCallback(TrainerCallback):
         return control
 
 
+# ---- the finiteness guard ------------------------------------------------------------------------------------------
+def _total_norm(tensors: list[torch.Tensor]) -> float:
+    """The 2-norm of all floating-point ``tensors`` together (NaN if any element is NaN, inf if any is infinite)."""
+    tensors = [t.detach() for t in tensors if t is not None and t.numel() > 0 and t.is_floating_point()]
+    if not tensors:
+        return 0.0
+    if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6
+        return float(torch.nn.utils.get_total_norm(tensors, 2.0))
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.float()) for t in tensors])))
+
+
+def _any_process(flag: bool, device: torch.device) -> bool:
+    """``flag`` of any process: every process takes the same decision, so none waits for the others forever."""
+    if not _distributed():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Check every optimizer step: the loss and each component (of every micro-batch) and the gradient norm before
+    the update is applied, the weights after it.
+
+    ``policy="stop"`` raises :class:`~emkd.errors.NonFiniteError` before the update (the weights stay those of the
+    previous step, nothing is saved from the bad step; the newest complete checkpoint is the last good one).
+    ``policy="skip"`` drops the update (no parameter and no optimizer state changes; the step counter and the
+    learning-rate schedule advance), counts it in ``skipped``, and stops once ``max_consecutive`` steps in a row were
+    non-finite. Weights that turn non-finite in an update whose loss and gradients were finite cannot be undone: that
+    stops the run under either policy. Under DeepSpeed the engine steps inside ``backward``, so a stop there comes
+    after the update (still before any save); under fp16 loss scaling the grad scaler owns the gradient check.
+    """
+
+    def __init__(self, policy: str = "stop", max_consecutive: int = 3) -> None:
+        if policy not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {policy!r}")
+        if max_consecutive < 1:
+            raise ValueError(f"max_consecutive_nonfinite must be >= 1, got {max_consecutive}")
+        self.policy = policy
+        self.max_consecutive = max_consecutive
+        self.skipped = 0  # updates dropped so far
+        self.in_a_row = 0
+        self._problems: list[str] = []  # of the step being accumulated
+
+    # what the trainer reports during the step
+    def observe_loss(self, loss: torch.Tensor, components: dict[str, float]) -> None:
+        value = float(loss.detach().float().sum())
+        if not math.isfinite(value):
+            self._problems.append(f"the loss is {value}")
+        for key, part in components.items():
+            if key != "loss" and not math.isfinite(part):
+                self._problems.append(f"loss component '{key}' is {part}")
+
+    def observe_gradients(self, parameters) -> None:
+        norm = _total_norm([p.grad for p in parameters if p.grad is not None])
+        if not math.isfinite(norm):
+            self._problems.append(f"the gradient norm is {norm}")
+
+    # the decision, before the update
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        problems, self._problems = list(dict.fromkeys(self._problems)), []
+        if not _any_process(bool(problems), args.device):
+            self.in_a_row = 0
+            return
+        step = state.global_step + 1
+        what = "; ".join(problems) if problems else "a non-finite value on another process"
+        self.in_a_row += 1
+        if self.policy == "skip" and self.in_a_row < self.max_consecutive:
+            self.skipped += 1
+            optimizer.zero_grad(set_to_none=True)  # parameters without a gradient are left alone by the optimizer
+            if state.is_world_process_zero:
+                _warn(f"step {step}: {what}; update skipped ({self.in_a_row} in a row, {self.skipped} in all; "
+                      f"the run stops at {self.max_consecutive} in a row)")
+            return
+        if self.policy == "skip":
+            what += f" ({self.in_a_row} non-finite steps in a row: max_consecutive_nonfinite={self.max_consecutive})"
+        raise NonFiniteError(self.message(step, what, args, applied=False))
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        norm = _total_norm(list(model.parameters()))
+        if _any_process(not math.isfinite(norm), args.device):
+            what = f"the weights turned non-finite (norm {norm}) in this update although its loss and gradients were finite"
+            raise NonFiniteError(self.message(state.global_step + 1, what, args, applied=True))
+
+    def check_saveable(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, what: str,
+                       args, step: int) -> None:
+        """Refuse to write ``what`` (a checkpoint, the final model) from non-finite weights or optimizer state."""
+        problems = []
+        norm = _total_norm(list(model.parameters()) + list(model.buffers()))
+        if not math.isfinite(norm):
+            problems.append(f"the weights are not finite (norm {norm})")
+        if optimizer is not None:
+            state = [t for s in optimizer.state.values() for t in s.values()
+                     if isinstance(t, torch.Tensor) and t.is_floating_point()]
+            norm = _total_norm(state)
+            if not math.isfinite(norm):
+                problems.append(f"the optimizer state is not finite (norm {norm})")
+        if _any_process(bool(problems), args.device):
+            text = "; ".join(problems) or "a non-finite tensor on another process"
+            raise NonFiniteError(self.message(step, f"{text}: {what} was not written", args, applied=True))
+
+    @staticmethod
+    def message(step: int, what: str, args, applied: bool) -> str:
+        newest = last_complete_checkpoint(args.output_dir)
+        kept = ("the update was not applied and nothing was saved from it"
+                if not applied else "nothing was saved from this step")
+        where = f"the newest complete checkpoint, {newest}, is the last good one" if newest else \
+            "no checkpoint was written yet"
+        return (f"training stopped at step {step}: {what}; {kept}; {where}. Lower learning_rate (now "
+                f"{args.learning_rate:g}) or max_grad_norm, or set on_nonfinite=skip to drop such steps")
+
+
+# ---- checkpoints -----------------------------------------------------------------------------------------------
+def recipe_fingerprint(recipe: dict[str, Any] | None) -> str | None:
+    """SHA-256 of the recipe's canonical JSON (what a checkpoint records to say which recipe wrote it)."""
+    if recipe is None:
+        return None
+    return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()
+
+
+def _sha256(path: Path, fsync: bool = False) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+        if fsync:
+            os.fsync(f.fileno())
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not supported (e.g. Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _checkpoint_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.startswith(COMPLETE_MARKER))
+
+
+def _check_contents(folder: Path, step: int | None) -> list[str]:
+    """What can be checked without loading tensors: safetensors headers and sizes, ``trainer_state.json``'s step."""
+    from safetensors import safe_open
+
+    problems = []
+    for path in folder.rglob("*.safetensors"):
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                f.keys()
+        except Exception as e:  # SafetensorError, OSError: the file is cut short or its header is damaged
+            problems.append(f"{path.relative_to(folder)} does not open ({' '.join(str(e).split())})")
+    state = folder / "trainer_state.json"
+    if state.is_file():
+        try:
+            saved = json.loads(state.read_text()).get("global_step")
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            problems.append(f"trainer_state.json is not valid JSON ({e})")
+        else:
+            if step is not None and saved != step:
+                problems.append(f"trainer_state.json says step {saved}, the folder's name {step}")
+    return problems
+
+
+def write_complete_marker(folder: str | Path, step: int, recipe: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Verify a freshly saved checkpoint and mark it complete.
+
+    Every file is read back for its size and SHA-256 (and flushed to disk), the safetensors headers and
+    ``trainer_state.json`` are parsed; only then is ``emkd-complete`` written (atomically) with those sizes and
+    checksums, ``step`` and the recipe with its fingerprint. Raises ``RuntimeError`` if what was just written does not
+    read back (a full disk, a failing file system): the folder then stays unmarked and is never resumed.
+    """
+    folder = Path(folder)
+    files = {}
+    for path in _checkpoint_files(folder):
+        files[path.relative_to(folder).as_posix()] = {"size": path.stat().st_size, "sha256": _sha256(path, fsync=True)}
+    problems = _check_contents(folder, step)
+    if not files or problems:
+        raise RuntimeError(f"checkpoint {folder} does not read back right after saving: "
+                           f"{'; '.join(problems) or 'no files'}; it is left without its completion marker")
+    _fsync_dir(folder)
+    marker = {"format": MARKER_FORMAT, "global_step": step, "recipe_fingerprint": recipe_fingerprint(recipe),
+              "recipe": recipe, "files": files}
+    tmp = folder / (COMPLETE_MARKER + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(marker, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, folder / COMPLETE_MARKER)
+    _fsync_dir(folder)
+    return marker
+
+
+def read_marker(folder: str | Path) -> dict[str, Any] | None:
+    """The completion marker of ``folder``, ``{}`` if it is unreadable, ``None`` if there is none."""
+    path = Path(folder) / COMPLETE_MARKER
+    if not path.is_file():
+        return None
+    try:
+        marker = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def verify_checkpoint(folder: str | Path) -> list[str]:
+    """Every way ``folder`` differs from what its completion marker recorded; an empty list for an intact checkpoint.
+
+    Re-reads every file (size, then SHA-256), so it costs one read of the checkpoint.
+    """
+    folder = Path(folder)
+    marker = read_marker(folder)
+    if marker is None:
+        return ["no completion marker (its save did not finish)"]
+    if not marker:
+        return [f"its {COMPLETE_MARKER} marker is unreadable"]
+    files = marker.get("files")
+    if not isinstance(files, dict) or not files:
+        return [f"its {COMPLETE_MARKER} marker records no file sizes or checksums (written by an older emkd), so "
+                "it cannot be verified"]
+    problems = []
+    for name, expected in sorted(files.items()):
+        path = folder / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != expected.get("size"):
+            problems.append(f"{name} has {path.stat().st_size} bytes, {expected.get('size')} were written (truncated?)")
+        elif _sha256(path) != expected.get("sha256"):
+            problems.append(f"{name} does not match the checksum recorded when it was written (corrupted bytes)")
+    return problems
+
+
+def checkpoint_dirs(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of every ``checkpoint-N`` folder of ``output_dir``, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for child in output_dir.iterdir():
+        match = _CHECKPOINT.fullmatch(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
 def is_complete_checkpoint(path: str | Path) -> bool:
     return (Path(path) / COMPLETE_MARKER).is_file()
 
 
 def last_complete_checkpoint(output_dir: str | Path) -> Path | None:
-    """The highest-step ``checkpoint-N`` of ``output_dir`` that carries the completion marker, or ``None``."""
-    output_dir = Path(output_dir)
-    if not output_dir.is_dir():
-        return None
-    found = []
-    for child in output_dir.iterdir():
-        if child.is_dir() and child.name.startswith("checkpoint-") and child.name[11:].isdigit():
-            if is_complete_checkpoint(child):
-                found.append((int(child.name[11:]), child))
-    return max(found)[1] if found else None
+    """The highest-step ``checkpoint-N`` of ``output_dir`` that carries the completion marker, or ``None``.
+
+    Cheap (no checksums): what :func:`select_resume_checkpoint` would start from, if its files are intact.
+    """
+    complete = [path for _, path in checkpoint_dirs(output_dir) if is_complete_checkpoint(path)]
+    return complete[-1] if complete else None
 
 
+def recipe_differences(recorded: dict[str, Any] | None, current: dict[str, Any], prefix: str = "") -> list[str]:
+    """``key: A there, B now`` for every recipe key whose value differs (nested mappings by dotted key)."""
+    if recorded is None:
+        return ["it records no recipe"]
+    out = []
+    for key in sorted(set(recorded) | set(current)):
+        a, b = recorded.get(key, "<unset>"), current.get(key, "<unset>")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += recipe_differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} there, {b!r} now")
+    return out
+
+
+@dataclass
+class ResumePlan:
+    """What ``--resume`` found in ``output_dir``: the checkpoint to take, and the newer ones it passed over."""
+
+    checkpoint: Path | None = None
+    damaged: dict[Path, list[str]] = field(default_factory=dict)  # marked complete, but files differ from the marker
+    incomplete: list[Path] = field(default_factory=list)  # no marker: saves that did not finish
+
+
+def select_resume_checkpoint(output_dir: str | Path, recipe: dict[str, Any] | None) -> ResumePlan:
+    """The newest checkpoint of ``output_dir`` that is complete, intact and written by ``recipe``.
+
+    Newer checkpoints without a marker are listed in ``incomplete``, those whose files no longer match their marker
+    (truncated, corrupted, missing, or an unverifiable older marker) in ``damaged``. A complete checkpoint written by
+    another recipe raises :class:`~emkd.errors.OutputDirError` naming the keys that differ: ``--resume`` continues
+    the same run, never another one. Nothing on disk is changed.
+    """
+    plan = ResumePlan()
+    fingerprint = recipe_fingerprint(recipe)
+    for step, path in reversed(checkpoint_dirs(output_dir)):
+        marker = read_marker(path)
+        if marker is None:
+            plan.incomplete.append(path)
+            continue
+        if marker.get("files") and marker.get("recipe_fingerprint") != fingerprint:
+            diff = recipe_differences(marker.get("recipe"), recipe or {})
+            raise OutputDirError(
+                f"--resume: {path} was written by a different recipe ({'; '.join(diff[:6])}"
+                f"{'; ...' if len(diff) > 6 else ''}); resume with the recipe that wrote it "
+                f"({Path(output_dir) / 'recipe.json'}), or pass --overwrite to start this recipe over"
+            )
+        problems = verify_checkpoint(path)
+        if problems:
+            plan.damaged[path] = problems
+            continue
+        plan.checkpoint = path
+        break
+    return plan
+
+
+def rotate_checkpoints(output_dir: str | Path, limit: int | None, keep: str | Path) -> list[Path]:
+    """Delete checkpoints beyond the newest ``limit`` complete ones (``None`` / ``<= 0``: keep all); never ``keep``
+    (the one just written) and never a complete one in favour of an incomplete one. Folders without a marker older
+    than ``keep`` are leftovers of saves that did not finish and are deleted too. Returns what was deleted."""
+    keep = Path(keep)
+    found = checkpoint_dirs(output_dir)
+    keep_step = next((step for step, path in found if path == keep), None)
+    deleted = []
+    complete = [path for _, path in found if is_complete_checkpoint(path)]
+    kept = set(complete[-limit:]) if limit and limit > 0 else set(complete)
+    kept.add(keep)
+    for step, path in found:
+        if path in kept:
+            continue
+        if is_complete_checkpoint(path) or (keep_step is not None and step < keep_step):
+            shutil.rmtree(path, ignore_errors=True)
+            deleted.append(path)
+    return deleted
+
+
+# ---- the trainer -----------------------------------------------------------------------------------------------
 def sharding_kind(trainer: Trainer) -> str | None:
     """``"fsdp"``, ``"zero3"`` or ``None``: whether the student's parameters are sharded outside its forward."""
     if trainer.is_fsdp_enabled:
@@ -137,6 +520,10 @@ class DistillTrainer(Trainer):
         method: the objective (see :data:`emkd.training.methods.METHODS`).
         student_adapter: adapter of the student (its ``model`` is the ``model`` given to the Trainer).
         teacher_adapter: adapter of the frozen teacher, or ``None`` for ``sft``.
+        on_nonfinite: ``"stop"`` or ``"skip"`` (:class:`NonFiniteGuard`).
+        max_consecutive_nonfinite: with ``"skip"``, stop after this many non-finite steps in a row.
+        recipe: the recipe values that decide the training trajectory, recorded (with their fingerprint) in every
+            checkpoint's marker so that ``--resume`` takes only checkpoints of the same recipe.
         **kwargs: everything ``transformers.Trainer`` takes.
     """
 
@@ -146,6 +533,9 @@ class DistillTrainer(Trainer):
         method: Method,
         student_adapter: DistillAdapter,
         teacher_adapter: DistillAdapter | None,
+        on_nonfinite: str = "stop",
+        max_consecutive_nonfinite: int = 3,
+        recipe: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -154,6 +544,9 @@ class DistillTrainer(Trainer):
         self.method = method
         self.student_adapter = student_adapter
         self.teacher_adapter = teacher_adapter
+        self.recipe = recipe
+        self.guard = NonFiniteGuard(on_nonfinite, max_consecutive_nonfinite)
+        self.add_callback(self.guard)
         self._components: dict[str, list[float]] = defaultdict(list)
         if teacher_adapter is not None:
             teacher_adapter.model.eval()
@@ -168,29 +561,56 @@ class DistillTrainer(Trainer):
             self._head_registered = True
         out = self.method(self.student_adapter, self.teacher_adapter, inputs, model=model)
         if model.training:
+            self.guard.observe_loss(out.loss, out.components)
             for key, value in out.components.items():
                 self._components[key].append(value)
         return (out.loss, {"loss": out.loss}) if return_outputs else out.loss
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        # the last micro-batch of an optimizer step: the gradients are complete (and, under DDP, reduced)
+        if self.accelerator.sync_gradients and not self.is_deepspeed_enabled and self.accelerator.scaler is None:
+            self.guard.observe_gradients(model.parameters())
+        return loss
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._components and "loss" in logs:
             keys = sorted(self._components)
-            means = torch.tensor([sum(self._components[k]) / len(self._components[k]) for k in keys], dtype=torch.float64)
+            # a skipped step's non-finite values stay out of the means (a window of only those gives NaN)
+            finite = [[v for v in self._components[k] if math.isfinite(v)] for k in keys]
+            means = torch.tensor([sum(v) / len(v) if v else math.nan for v in finite], dtype=torch.float64)
             if dist.is_available() and dist.is_initialized():
                 means = means.to(self.args.device)
                 dist.all_reduce(means)
                 means = means.cpu() / dist.get_world_size()
             for key, value in zip(keys, means.tolist()):
                 logs["objective" if key == "loss" else key] = round(value, 6)
+            if self.guard.skipped:
+                logs["nonfinite_skipped"] = self.guard.skipped
             self._components.clear()
         super().log(logs, start_time)
 
     def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if dist.is_available() and dist.is_initialized():
+        """Save, verify, mark complete, then rotate (transformers rotates inside its save, before our marker)."""
+        step = self.state.global_step
+        run_dir = Path(self._get_output_dir(trial=trial))
+        folder = run_dir / f"checkpoint-{step}"
+        self.guard.check_saveable(self.model, self.optimizer, f"checkpoint {folder}", self.args, step)
+        if self.args.should_save and folder.exists():
+            # an unmarked leftover of a save that did not finish, or of a timeline --resume abandoned
+            shutil.rmtree(folder)
+        if _distributed():
+            dist.barrier()
+        limit = self.args.save_total_limit
+        self.args.save_total_limit = None  # no rotation inside transformers' save: it would come before the marker
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self.args.save_total_limit = limit
+        if _distributed():
             dist.barrier()
         if self.args.should_save:
-            folder = Path(self._get_output_dir(trial=trial)) / f"checkpoint-{self.state.global_step}"
-            tmp = folder / (COMPLETE_MARKER + ".tmp")
-            tmp.write_text(json.dumps({"global_step": self.state.global_step}))
-            os.replace(tmp, folder / COMPLETE_MARKER)
+            write_complete_marker(folder, step, self.recipe)
+            rotate_checkpoints(run_dir, limit, keep=folder)
+        if _distributed():
+            dist.barrier()
