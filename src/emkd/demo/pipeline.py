@@ -32,7 +32,7 @@ ASSETS = Path(__file__).resolve().parent / "assets"
 
 @dataclass
 class DemoBudget:
-    """Sizes of one demo run (the defaults fit 10 minutes on 2 CPU cores; ``QUICK`` about one)."""
+    """Sizes of one demo run (the defaults take about 4 minutes on 2 idle CPU cores; ``QUICK`` under one)."""
 
     easy_vqa_train: int = 4000
     easy_vqa_test: int = 300
@@ -223,7 +223,7 @@ def what_it_shows(results: dict[str, Any], budget: DemoBudget, quick: bool) -> s
             f"per method, evaluation, report), but on a tiny budget ({budget.student_phase1_steps} phase-1 and "
             f"{budget.student_phase2_steps} phase-2 steps, {n} held-out records): the students have not learned the "
             f"task, so their scores say nothing about the methods, and the teacher's are those of a checkpoint "
-            f"trained in full, on a sample too small to compare. Run `emkd demo` (about 7 minutes) for the "
+            f"trained in full, on a sample too small to compare. Run `emkd demo` (about 4 minutes) for the "
             f"comparison, and `emkd reproduce` for one over seeds."
         )
     lines = [f"What this shows: one seed, {budget.student_phase2_steps} phase-2 steps per student, {n} held-out "
