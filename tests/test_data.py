@@ -483,3 +483,21 @@ def test_pair_dataset_reuses_its_scan_until_the_file_changes(tmp_path, sides, im
     monkeypatch.setenv("EMKD_CACHE", "0")
     PairDataset(path, images_dir, student, qwen, max_length=MAX_LENGTH, on_bad_sample="skip")
     assert len(calls) == 3
+
+
+def test_check_says_once_that_the_images_folder_is_probably_wrong(tmp_path, images_dir, capsys):
+    """The images are in images_dir but no --images is given: every record's image is looked for beside the file."""
+    parser = argparse.ArgumentParser()
+    add_check_arguments(parser)
+    path = write_jsonl(tmp_path / "data.jsonl", [CAPTION, MULTI_TURN, CAPTION, TEXT_ONLY])
+    assert run_check(parser.parse_args([str(path)])) == 1
+    out = capsys.readouterr().out
+    hints = [line for line in out.splitlines() if line.startswith("hint:")]
+    assert hints == [f"hint: 3 of 4 records have missing images, looked for in {tmp_path}; the images folder is "
+                     "probably wrong: pass --images DIR (the folder the records' image paths start from)"]
+    assert run_check(parser.parse_args([str(path), "--images", str(images_dir)])) == 0
+    assert "hint:" not in capsys.readouterr().out
+    # one missing image among several records is a bad record, not a wrong folder
+    absent = llava("x", [("human", "<image>"), ("gpt", "A square.")], image="absent.png")
+    some = write_jsonl(tmp_path / "some.jsonl", [CAPTION, absent, TEXT_ONLY])
+    assert check_file(some, images_dir).images_dir_hint is None

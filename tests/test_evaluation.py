@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 
 import pytest
@@ -467,3 +468,25 @@ def test_eval_records_with_a_line_separator_inside_a_string_keep_their_category(
     samples = read_eval_samples(path)
     assert [(s.record.id, s.category) for s in samples] == [("a", "ocr"), ("b", "chart")]
     assert samples[0].question == "first\u2028line?"
+
+
+def test_models_are_named_by_their_run(ws, tmp_path, capsys):
+    from emkd.evaluation.evaluate import model_name
+
+    assert model_name("runs/emkd_s0/final") == "emkd_s0"
+    assert model_name("runs/emkd_s0/final/") == "emkd_s0"
+    assert model_name("runs/emkd_s0/checkpoint-200") == "emkd_s0/checkpoint-200"
+    assert model_name("ckpt/teacher") == "teacher"
+    a, b = _result("runs/sft/final", {"c": 1.0}), _result("runs/emkd/final", {"c": 0.5})
+    assert [line.split()[0] for line in format_table([a, b]).splitlines()[2:]] == ["sft", "emkd"]
+    # emkd eval: the run's name by default, --name when given
+    run = tmp_path / "my_run"
+    shutil.copytree(ws["student"], run / "final")
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    common = [str(ws["bench"]), "--images", str(ws["images"]), "--limit", "1", "--max-new-tokens", "1",
+              "--ttft-runs", "0", "--no-progress"]
+    assert run_eval(parser.parse_args([str(run / "final"), *common])) == 0
+    assert capsys.readouterr().out.splitlines()[2].split()[0] == "my_run"
+    assert run_eval(parser.parse_args([str(run / "final"), *common, "--name", "student-A"])) == 0
+    assert capsys.readouterr().out.splitlines()[2].split()[0] == "student-A"

@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "without --resume or --overwrite, output_dir must be empty or absent")
     train.set_defaults(func=_run_train)
 
-    init = sub.add_parser("init-student", help="build an efficient student from SigLIP/CLIP + causal-LM checkpoints")
+    init = sub.add_parser("init-student", help="build an efficient student for a teacher (--from-teacher) or from "
+                          "SigLIP/CLIP + causal-LM checkpoints")
     from emkd.models.compose import add_init_student_arguments, run_init_student
 
     add_init_student_arguments(init)

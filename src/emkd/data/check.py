@@ -37,6 +37,18 @@ class CheckReport:
     path: str
     records: list[Record] = field(default_factory=list)
     bad: list[BadRecord] = field(default_factory=list)
+    images_dir: str | None = None  # the folder image paths were resolved against
+
+    @property
+    def images_dir_hint(self) -> str | None:
+        """One line when most records' images are missing (a wrong images folder, not many bad records), else
+        ``None``."""
+        missing = sum("missing_image" in bad.kinds for bad in self.bad)
+        if missing < 2 or 2 * missing <= self.num_records:
+            return None
+        where = self.images_dir if self.images_dir is not None else "the data file's folder"
+        return (f"hint: {missing} of {self.num_records} records have missing images, looked for in {where}; the "
+                "images folder is probably wrong: pass --images DIR (the folder the records' image paths start from)")
 
     @property
     def num_records(self) -> int:
@@ -70,7 +82,8 @@ class CheckReport:
             summary = f"{self.path}: 0 records: the file is empty (no record to train or evaluate on)"
         if self.bad:
             summary += " (" + ", ".join(f"{k}: {n}" for k, n in self.counts().items()) + ")"
-        return "\n".join(lines + [summary])
+        hint = self.images_dir_hint
+        return "\n".join(lines + [summary] + ([hint] if hint else []))
 
 
 def scan_file(
@@ -105,7 +118,8 @@ def scan_file(
         raise ValueError("max_length needs student_side and teacher_side to count image tokens")
     if max_length is not None and max_length < 1:
         raise ValueError(f"max_length must be positive, got {max_length}")
-    report = CheckReport(os.fspath(path))
+    folder = images_dir if images_dir is not None else os.path.dirname(os.path.abspath(path))
+    report = CheckReport(os.fspath(path), images_dir=os.fspath(folder))
     for item in read_records(path):
         if isinstance(item, BadRecord):
             report.bad.append(item)

@@ -39,6 +39,7 @@ import inspect
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -437,7 +438,7 @@ def evaluate(
 
     predictions: list[Prediction] = []
     per_image: list[float] = []  # image tokens / images of each prompt with images
-    bar = tqdm(total=len(samples), desc=f"eval {Path(path).name}", unit="sample", file=sys.stderr,
+    bar = tqdm(total=len(samples), desc=f"eval {model_name(path)}", unit="sample", file=sys.stderr,
                disable=not progress)
     with bar:
         for start in range(0, len(samples), batch_size):
@@ -477,10 +478,24 @@ def evaluate(
 
 
 # ---- report ---------------------------------------------------------------------------------------------------------
+_RUN_OUTPUTS = re.compile(r"final|checkpoint-\d+")  # what ``emkd train`` writes inside a run's output_dir
+
+
+def model_name(path: str | os.PathLike) -> str:
+    """The name a model goes by in a table: its run's name for what ``emkd train`` wrote (``runs/RUN/final`` ->
+    ``RUN``, ``runs/RUN/checkpoint-200`` -> ``RUN/checkpoint-200``), else the directory's name."""
+    p = Path(path)
+    if not _RUN_OUTPUTS.fullmatch(p.name):
+        return p.name
+    run = p.absolute().parent.name
+    return run if p.name == "final" else f"{run}/{p.name}"
+
+
 def format_table(results: list[EvalResult], names: list[str] | None = None) -> str:
     """A console table: one row per model, columns = categories (first-seen order) in %, ``avg`` (macro) and
-    ``micro`` in %, median ``TTFT ms`` and ``vis tok/img``; ``-`` where a model has no value."""
-    names = [Path(r.model).name for r in results] if names is None else list(names)
+    ``micro`` in %, median ``TTFT ms`` and ``vis tok/img``; ``-`` where a model has no value. ``names`` default to
+    :func:`model_name` of each result's model path."""
+    names = [model_name(r.model) for r in results] if names is None else list(names)
     if len(names) != len(results):
         raise ValueError(f"format_table: {len(results)} results but {len(names)} names")
     categories = list(dict.fromkeys(c for r in results for c in r.accuracy))
@@ -562,6 +577,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ttft-threads", type=int, default=None, metavar="N",
                         help="torch threads while timing (default: torch's current number)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
+    parser.add_argument("--name", default=None, help="the model's name in the table (default: the run's name for "
+                        "RUN/final or RUN/checkpoint-N, else the directory's name)")
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -582,7 +599,8 @@ def run_eval(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as e:
         print(f"emkd eval: {e}", file=sys.stderr)
         return 2
-    print(format_table([result]))
+    name = getattr(args, "name", None)
+    print(format_table([result], None if name is None else [name]))
     if args.out is not None:
         print(f"wrote {result.write_json(args.out)}")
     return 0
@@ -602,6 +620,7 @@ __all__ = [
     "generate_answers",
     "load_for_eval",
     "measure_ttft",
+    "model_name",
     "read_eval_samples",
     "render_prompt",
     "run_eval",

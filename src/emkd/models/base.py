@@ -80,11 +80,25 @@ class DistillAdapter(ABC):
         raise NotImplementedError
 
 
+def tokenizer_identity(tokenizer: Any) -> tuple[str, str]:
+    """``(class name, pre-tokenizer)`` of a Hugging Face tokenizer; the pre-tokenizer as the ``tokenizers``
+    library prints it (``"none"`` for a slow tokenizer or none at all)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre = getattr(backend, "pre_tokenizer", None) if backend is not None else None
+    return type(tokenizer).__name__, "none" if pre is None else str(pre)
+
+
+def _short(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def check_same_tokenization(student_tokenizer: Any, teacher_tokenizer: Any) -> None:
     """Refuse a pair whose tokenizers disagree on a probe conversation (ids must be identical).
 
     Raises:
-        ValueError: naming the first position where the ids differ.
+        ValueError: naming the first position where the ids differ and, when the two tokenizers are of different
+            classes or pre-tokenizers (the same ``tokenizer.json`` loads as another class next to another
+            ``config.json``), both classes and pre-tokenizers.
     """
     probe = [
         {"role": "user", "content": "Describe the image: what colour is the 3rd shape from the left?"},
@@ -104,5 +118,18 @@ def check_same_tokenization(student_tokenizer: Any, teacher_tokenizer: Any) -> N
             "student and teacher tokenizers disagree on a probe conversation: "
             f"chat templates {'agree' if texts[0] == texts[1] else 'differ'}; ids differ from position {pos} "
             f"(student {ids_s[pos:pos + 5]}..., teacher {ids_t[pos:pos + 5]}...). Distillation needs identical text "
-            "tokens; use tokenizers of the same family."
+            "tokens; use tokenizers of the same family." + _identity_difference(student_tokenizer, teacher_tokenizer)
         )
+
+
+def _identity_difference(student_tokenizer: Any, teacher_tokenizer: Any) -> str:
+    """A sentence naming both tokenizers' classes and pre-tokenizers when they differ, else ``""``."""
+    (s_class, s_pre), (t_class, t_pre) = tokenizer_identity(student_tokenizer), tokenizer_identity(teacher_tokenizer)
+    if (s_class, s_pre) == (t_class, t_pre):
+        return ""
+    return (
+        f" The tokenizers differ: the student's is {s_class} with pre-tokenizer {_short(s_pre)}, the teacher's is "
+        f"{t_class} with pre-tokenizer {_short(t_pre)}. The same tokenizer.json can load as another class (which "
+        "replaces its pre-tokenizer) next to another config.json: give the student the teacher's tokenizer files "
+        "unchanged (emkd init-student --from-teacher copies them), or set tokenizer_class in tokenizer_config.json."
+    )

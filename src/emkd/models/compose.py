@@ -33,6 +33,15 @@ What :func:`init_student` does, in order:
 5. Saves the model (safetensors), the tokenizer, the image processor and the LLM's generation config to
    ``out_dir`` and prints a summary: image tokens per image and parameters per part.
 
+From a teacher (:func:`init_student_from_teacher`, ``emkd init-student --from-teacher``): the student takes the
+teacher's vision tower (config and weights; SigLIP's unused head dropped), its ``vision_feature_layer`` and its
+tokenizer files, copied byte for byte (a tokenizer re-saved through the class ``AutoTokenizer`` picks next to another
+``config.json`` can come out with another pre-tokenizer), and pools the patch grid to ``pool_size x pool_size``. The
+LLM is a causal-LM checkpoint over the teacher's vocabulary (``llm_path``), the teacher's first ``layers`` decoder
+layers with its embeddings, final norm and head (``layers`` alone), or a fresh Qwen2 of ``layers`` x ``hidden``
+(``layers`` and ``hidden``). The written student is checked against the teacher as training checks the pair
+(:func:`~emkd.models.base.check_same_tokenization`).
+
 The student is built on the CPU in ``dtype`` (default: the LLM checkpoint's dtype, e.g. bfloat16 for Qwen2; the
 tower is cast to it, as LLaVA does), so building it needs roughly three copies of the weights in RAM: the loaded
 components and the student. The image token must be ``"<image>"``: the data pipeline's marker and
@@ -44,6 +53,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -55,13 +65,18 @@ from transformers import (
     AutoImageProcessor,
     AutoModelForCausalLM,
     AutoTokenizer,
+    CLIPImageProcessorPil,
     CLIPVisionModel,
     PreTrainedModel,
+    Qwen2Config,
+    SiglipImageProcessorPil,
     SiglipVisionModel,
 )
 
+from emkd.errors import UserError
+from emkd.models.base import check_same_tokenization, tokenizer_identity
 from emkd.models.student import COMPRESSORS, EfficientMLLMConfig, EfficientMLLMForCausalLM, EfficientProjector
-from emkd.models.student_side import IMAGE_TOKEN, EfficientMLLMSide, processor_output_size
+from emkd.models.student_side import IMAGE_TOKEN, EfficientMLLMSide, load_student_side, processor_output_size
 
 # ``model_type`` in a vision checkpoint's config.json -> the class that loads its vision tower (exact keys).
 VISION_TOWERS: dict[str, type[PreTrainedModel]] = {
@@ -71,6 +86,24 @@ VISION_TOWERS: dict[str, type[PreTrainedModel]] = {
     "clip_vision_model": CLIPVisionModel,
 }
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# The files a Hugging Face tokenizer is saved as; those present are copied byte for byte.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja", "chat_template.json")
+# Teacher architectures whose vision tower a student can take (a SigLIP/CLIP ViT over a square patch grid).
+TEACHER_TOWERS = ("EfficientMLLMForCausalLM", "LlavaForConditionalGeneration", "LlavaNextForConditionalGeneration",
+                  "LlavaOnevisionForConditionalGeneration")
+
+
+def copy_tokenizer_files(source: Path, out_dir: Path) -> list[str]:
+    """Copy ``source``'s tokenizer files (:data:`TOKENIZER_FILES`) into ``out_dir`` byte for byte; return their
+    names."""
+    names = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+    if "tokenizer_config.json" not in names:
+        raise UserError(f"{source} has no tokenizer_config.json; the tokenizer must be saved with the "
+                        "checkpoint")
+    for name in names:
+        shutil.copyfile(source / name, out_dir / name)
+    return names
 
 
 # ---- loading the components -------------------------------------------------------------------------------------
@@ -284,7 +317,10 @@ def init_student(
 
     out_dir.mkdir(parents=True, exist_ok=True)
     student.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
+    if added:
+        tokenizer.save_pretrained(out_dir)  # it gained "<image>"
+    else:
+        copy_tokenizer_files(llm_path, out_dir)  # unchanged: re-saving could rewrite it (see the module docstring)
     image_processor.save_pretrained(out_dir)
 
     for line in _summary(student, tower, lm, vision_path, llm_path, out_dir, image_token_id, added, old_rows, seed):
@@ -331,12 +367,270 @@ def _summary(
     return lines
 
 
+# ---- from a teacher -----------------------------------------------------------------------------------------------
+def _teacher_parts(model: PreTrainedModel, architecture: str, path: Path) -> tuple[nn.Module, Any, int, nn.Module,
+                                                                                     nn.Module, Any]:
+    """``(vision tower, vision config, vision_feature_layer, decoder, LM head, text config)`` of a loaded teacher."""
+    _require_tower_teacher(architecture, path)
+    config = model.config
+    if architecture == "EfficientMLLMForCausalLM":
+        return (model.vision_tower, config.vision_config, config.vision_feature_layer,
+                model.language_model.get_decoder(), model.language_model.get_output_embeddings(), config.text_config)
+    layer = config.vision_feature_layer
+    if not isinstance(layer, int):
+        raise UserError(f"{path / 'config.json'} has vision_feature_layer={layer!r}; the student reads "
+                        "one hidden state of the tower (an int)")
+    return (model.model.vision_tower, config.vision_config, layer, model.model.language_model,
+            model.get_output_embeddings(), config.text_config)
+
+
+def _require_tower_teacher(architecture: str, path: Path) -> None:
+    if architecture not in TEACHER_TOWERS:
+        raise UserError(
+            f"{path} is a {architecture}; --from-teacher takes a teacher whose vision tower is a "
+            f"SigLIP/CLIP ViT over a square patch grid: {', '.join(TEACHER_TOWERS)} (for another teacher, compose "
+            "the student with --vision and --llm)"
+        )
+
+
+def _single_tile_processor(architecture: str, side: Any, vision_config: Any) -> Any:
+    """The teacher's image processor when it already returns one ``[3, S, S]`` tile per image (EfficientMLLM,
+    LLaVA-1.5); else (AnyRes teachers) a SigLIP/CLIP processor of one tile with the teacher's normalisation."""
+    if architecture in ("EfficientMLLMForCausalLM", "LlavaForConditionalGeneration"):
+        return None  # copied as it is
+    teacher = side.image_processor
+    S = vision_config.image_size
+    norm = dict(image_mean=list(teacher.image_mean), image_std=list(teacher.image_std))
+    if vision_config.model_type == "clip_vision_model":
+        return CLIPImageProcessorPil(size={"shortest_edge": S}, crop_size={"height": S, "width": S}, **norm)
+    return SiglipImageProcessorPil(size={"height": S, "width": S}, **norm)
+
+
+def _tokenizer_image_token(tokenizer: Any, path: Path) -> int:
+    """The id of ``"<image>"`` in the teacher's tokenizer, which the copied files must already have."""
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        raise UserError(
+            f"the tokenizer of {path} has no {IMAGE_TOKEN!r} token, which the student marks images "
+            "with; --from-teacher copies the teacher's tokenizer unchanged, so add the token there first or compose "
+            "the student with --vision and --llm (which adds it)"
+        )
+    token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if tokenizer(IMAGE_TOKEN, add_special_tokens=False)["input_ids"] != [token_id]:
+        raise UserError(f"the tokenizer of {path} splits {IMAGE_TOKEN!r}; it must be one added token")
+    return token_id
+
+
+def _truncated_lm(decoder: nn.Module, head: nn.Module, text_config: Any, layers: int) -> tuple[Any, dict]:
+    """Text config and causal-LM state dict of the teacher's first ``layers`` decoder layers (embeddings, final
+    norm and head kept)."""
+    total = text_config.num_hidden_layers
+    if not 1 <= layers <= total:
+        raise UserError(f"--layers {layers} without --hidden keeps the teacher's first layers; the "
+                        f"teacher has {total} (give 1..{total}, or --hidden H for a fresh LLM)")
+    config = copy.deepcopy(text_config)
+    config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None) is not None:
+        config.layer_types = list(config.layer_types)[:layers]
+    config.tie_word_embeddings = head.weight is decoder.get_input_embeddings().weight
+    state = {}
+    for key, value in decoder.state_dict().items():
+        parts = key.split(".")
+        if parts[0] == "layers" and int(parts[1]) >= layers:
+            continue
+        state[f"model.{key}"] = value
+    state.update({f"lm_head.{k}": v for k, v in head.state_dict().items()})
+    return config, state
+
+
+def _fresh_lm_config(text_config: Any, tokenizer: Any, layers: int, hidden: int) -> Qwen2Config:
+    """A Qwen2 of ``layers`` x ``hidden`` over the teacher's vocabulary: heads of 64 dims (fewer, down to 8, when
+    ``hidden`` is not a multiple of 64), MLP of ``4 * hidden``, tied embeddings, the teacher's context length."""
+    head_dim = next((d for d in (64, 32, 16, 8) if hidden % d == 0), None)
+    if layers < 1 or head_dim is None:
+        raise UserError(f"--layers {layers} --hidden {hidden}: need layers >= 1 and hidden a multiple "
+                        "of 8")
+    heads = hidden // head_dim
+    return Qwen2Config(
+        vocab_size=max(int(text_config.vocab_size), len(tokenizer)),
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=int(getattr(text_config, "max_position_embeddings", 4096)),
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def _check_llm_vocabulary(lm_tokenizer: Any, tokenizer: Any, llm_path: Path, teacher_path: Path) -> None:
+    """Refuse an LLM whose tokenizer gives a token of the teacher's another id."""
+    lm_vocab = lm_tokenizer.get_vocab()
+    differ = [(t, i, lm_vocab[t]) for t, i in tokenizer.get_vocab().items() if t in lm_vocab and lm_vocab[t] != i]
+    if differ:
+        t, i, j = sorted(differ, key=lambda d: d[1])[0]
+        raise UserError(
+            f"the LLM {llm_path} and the teacher {teacher_path} number their vocabularies differently "
+            f"({len(differ)} tokens differ, e.g. {t!r}: {j} in the LLM, {i} in the teacher); --llm must be a causal "
+            "LM over the teacher's vocabulary (the same tokenizer family)"
+        )
+
+
+def init_student_from_teacher(
+    teacher_path: str | Path,
+    out_dir: str | Path,
+    *,
+    pool_size: int = 12,
+    llm_path: str | Path | None = None,
+    layers: int | None = None,
+    hidden: int | None = None,
+    compressor: str = "pool",
+    anyres: bool = False,
+    dtype: torch.dtype | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    print_fn: Callable[[str], None] = print,
+) -> Path:
+    """Build the efficient student of a teacher (see the module docstring); save it to ``out_dir``; return its path.
+
+    Args:
+        teacher_path: a local teacher checkpoint of one of :data:`TEACHER_TOWERS`.
+        out_dir: where the student goes; must be empty or absent unless ``overwrite``.
+        pool_size, compressor, anyres: see :class:`~emkd.models.student.EfficientMLLMConfig` (AnyRes takes the
+            teacher's ``image_grid_pinpoints`` when it has them).
+        llm_path: a causal-LM checkpoint over the teacher's vocabulary (with its tokenizer, to check that).
+        layers, hidden: without ``llm_path``: ``layers`` alone keeps the teacher's first ``layers`` decoder layers;
+            with ``hidden`` a fresh Qwen2 of that size is drawn from ``seed``.
+        dtype: dtype of the student; ``None`` takes the teacher's.
+        seed: seed of the projector (and of a fresh LLM).
+
+    Raises:
+        UserError: what was given does not fit (no LLM choice or two, an unsupported teacher, a tokenizer without
+            ``"<image>"``, an LLM over another vocabulary, a non-empty ``out_dir``) or the written student does not
+            tokenize as its teacher.
+    """
+    from emkd.models.teachers import checkpoint_architecture, load_teacher
+
+    teacher_path, out_dir = Path(teacher_path), Path(out_dir)
+    if (llm_path is not None) == (layers is not None) or (hidden is not None and layers is None):
+        raise UserError("choose the LLM with exactly one of --llm DIR, --layers N (the teacher's first "
+                        "N layers) or --layers N --hidden H (a fresh LLM)")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise UserError(f"{out_dir} is not empty; choose a new directory or pass --overwrite")
+    if not (teacher_path / "config.json").is_file():
+        raise UserError(f"the teacher {teacher_path} has no config.json (a local checkpoint directory "
+                        "is needed)")
+    architecture = checkpoint_architecture(teacher_path)
+    _require_tower_teacher(architecture, teacher_path)  # before loading the weights
+    teacher = load_teacher(teacher_path, dtype=dtype)
+    dtype = teacher.model.dtype if dtype is None else dtype
+    tower, vision_config, feature_layer, decoder, head, text_config = _teacher_parts(
+        teacher.model, architecture, teacher_path)
+    tokenizer = teacher.side.tokenizer
+    image_token_id = _tokenizer_image_token(tokenizer, teacher_path)
+
+    vision_config = copy.deepcopy(vision_config)
+    if getattr(vision_config, "vision_use_head", False):
+        vision_config.vision_use_head = False  # SigLIP's pooling head: an MLLM never reads it
+    tower_state = {k: v for k, v in tower.state_dict().items() if not k.startswith(("head.", "vision_model.head."))}
+
+    lm_state = None
+    if llm_path is not None:
+        lm, lm_tokenizer = load_language_model(llm_path, dtype=dtype)
+        _check_llm_vocabulary(lm_tokenizer, tokenizer, Path(llm_path), teacher_path)
+        if len(tokenizer) > lm.get_input_embeddings().weight.shape[0]:
+            _grow_embeddings(lm, len(tokenizer))  # the teacher's added tokens ("<image>"): mean rows
+        text_config, lm_state = copy.deepcopy(lm.config), lm.state_dict()
+        llm_what = f"{type(lm).__name__} from {llm_path}"
+    elif hidden is None:
+        text_config, lm_state = _truncated_lm(decoder, head, text_config, layers)
+        llm_what = f"the teacher's first {layers} of {teacher.num_layers} decoder layers"
+    else:
+        text_config = _fresh_lm_config(text_config, tokenizer, layers, hidden)
+        llm_what = f"fresh Qwen2, {layers} layers x {hidden} (seed {seed})"
+    pinpoints = getattr(teacher.model.config, "image_grid_pinpoints", None) if anyres else None
+    config = EfficientMLLMConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        vision_feature_layer=feature_layer,
+        compressor=compressor,
+        pool_size=pool_size,
+        image_token_id=image_token_id,
+        anyres=anyres,
+        image_grid_pinpoints=pinpoints,
+    )
+    with torch.random.fork_rng(devices=[]):  # a fresh LLM is drawn from the seed; the global RNG is left alone
+        torch.manual_seed(seed)
+        student = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    copy_weights(student.vision_tower, tower_state, "vision_tower")
+    if lm_state is not None:
+        copy_weights(student.language_model, lm_state, "language_model")
+    init_projector(student.projector, getattr(text_config, "initializer_range", None) or 0.02, seed)
+    student.generation_config = copy.deepcopy(teacher.model.generation_config)
+    student.generation_config.eos_token_id = tokenizer.eos_token_id
+    student.generation_config.pad_token_id = tokenizer.pad_token_id
+    student.eval()
+
+    processor = _single_tile_processor(architecture, teacher.side, vision_config)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    student.save_pretrained(out_dir)
+    copied = copy_tokenizer_files(teacher_path, out_dir)
+    if processor is None:
+        shutil.copyfile(teacher_path / "preprocessor_config.json", out_dir / "preprocessor_config.json")
+    else:
+        processor.save_pretrained(out_dir)
+    side = load_student_side(out_dir)  # as training loads it: the tokenizer must come back as the teacher's
+    if tokenizer_identity(side.tokenizer) != tokenizer_identity(tokenizer):
+        (s_class, s_pre), (t_class, t_pre) = tokenizer_identity(side.tokenizer), tokenizer_identity(tokenizer)
+        raise UserError(
+            f"the teacher's tokenizer files load as {s_class} (pre-tokenizer {s_pre}) in {out_dir} but "
+            f"as {t_class} (pre-tokenizer {t_pre}) in {teacher_path}; set tokenizer_class in the teacher's "
+            "tokenizer_config.json so that both load the same class"
+        )
+    check_same_tokenization(side.tokenizer, tokenizer)
+
+    cfg = student.config
+    teacher_tokens = teacher.side.num_image_tokens(teacher.side.image_inputs([_probe_image(cfg.tile_size)]), 0)
+    lines = [
+        f"init-student: wrote {out_dir} ({student.dtype}) from the teacher {teacher_path} ({architecture})",
+        f"  {'vision tower':<15}{_count(student.vision_tower) / 1e6:>10.2f}M  the teacher's "
+        f"{type(tower).__name__}, hidden state {feature_layer}",
+        f"  {'projector':<15}{_count(student.projector) / 1e6:>10.2f}M  MLP {cfg.vision_config.hidden_size} -> "
+        f"{cfg.text_config.hidden_size}, seed {seed}",
+        f"  {'language model':<15}{_count(student.language_model) / 1e6:>10.2f}M  {llm_what}",
+        f"  {'total':<15}{_count(student) / 1e6:>10.2f}M",
+        f"  image tokens: {cfg.patch_grid}x{cfg.patch_grid} patches -> {cfg.tokens_per_tile} per "
+        f"{'view' if cfg.anyres else 'image'} (the teacher: {teacher_tokens} for a {cfg.tile_size} px image)",
+        f"  tokenizer: {', '.join(copied)} copied byte for byte; {IMAGE_TOKEN!r} id {image_token_id}",
+    ]
+    for line in lines:
+        print_fn(line)
+    return out_dir
+
+
+def _probe_image(size: int) -> Any:
+    from PIL import Image
+
+    return Image.new("RGB", (size, size), (128, 128, 128))
+
+
 # ---- command line -----------------------------------------------------------------------------------------------
 def add_init_student_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the arguments of ``emkd init-student``; pair with ``parser.set_defaults(func=run_init_student)``."""
-    parser.add_argument("--vision", required=True, metavar="DIR", help="SigLIP/CLIP checkpoint (full or vision-only) "
-                        "with its image processor")
-    parser.add_argument("--llm", required=True, metavar="DIR", help="causal LM checkpoint with its tokenizer")
+    parser.add_argument("--from-teacher", metavar="DIR", default=None,
+                        help="build the student of this teacher: its vision tower and tokenizer (copied unchanged), "
+                        "with --llm DIR, --layers N (its first N layers) or --layers N --hidden H (a fresh LLM)")
+    parser.add_argument("--vision", metavar="DIR", default=None, help="SigLIP/CLIP checkpoint (full or vision-only) "
+                        "with its image processor (without --from-teacher)")
+    parser.add_argument("--llm", metavar="DIR", default=None, help="causal LM checkpoint with its tokenizer (with "
+                        "--from-teacher: over the teacher's vocabulary)")
+    parser.add_argument("--layers", type=int, default=None, metavar="N",
+                        help="with --from-teacher: the teacher's first N decoder layers, or with --hidden a fresh "
+                        "Qwen2 LLM of N layers")
+    parser.add_argument("--hidden", type=int, default=None, metavar="H",
+                        help="with --from-teacher --layers N: hidden size of a fresh Qwen2 LLM")
     parser.add_argument("--out", required=True, metavar="DIR", help="where to write the student")
     parser.add_argument("--pool-size", type=int, default=12, metavar="P",
                         help="pool each tile's patch grid to P x P tokens (default: 12, EM-KD's 144 tokens)")
@@ -346,7 +640,7 @@ def add_init_student_arguments(parser: argparse.ArgumentParser) -> None:
                         help="vision tower hidden state to read (default: -2, the penultimate layer)")
     parser.add_argument("--anyres", action="store_true", help="LLaVA-NeXT AnyRes tiling (base view + tiles)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None,
-                        help="dtype of the student (default: the LLM checkpoint's)")
+                        help="dtype of the student (default: the LLM checkpoint's, or the teacher's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the projector's initialisation (default: 0)")
     parser.add_argument("--overwrite", action="store_true", help="write into a non-empty --out directory")
 
@@ -354,6 +648,27 @@ def add_init_student_arguments(parser: argparse.ArgumentParser) -> None:
 def run_init_student(args: argparse.Namespace) -> int:
     """Run ``emkd init-student`` from parsed arguments; return 0, or 2 after printing the error to stderr."""
     try:
+        if args.from_teacher is not None:
+            if args.vision is not None:
+                raise UserError("--vision does not go with --from-teacher, which takes the teacher's vision tower")
+            init_student_from_teacher(
+                args.from_teacher,
+                args.out,
+                pool_size=args.pool_size,
+                llm_path=args.llm,
+                layers=args.layers,
+                hidden=args.hidden,
+                compressor=args.compressor,
+                anyres=args.anyres,
+                dtype=None if args.dtype is None else DTYPES[args.dtype],
+                seed=args.seed,
+                overwrite=args.overwrite,
+            )
+            return 0
+        if args.vision is None or args.llm is None:
+            raise UserError("give --from-teacher DIR, or both --vision DIR and --llm DIR")
+        if args.layers is not None or args.hidden is not None:
+            raise UserError("--layers and --hidden go with --from-teacher")
         init_student(
             args.vision,
             args.llm,
@@ -367,7 +682,7 @@ def run_init_student(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
         )
     except (OSError, ValueError) as e:
-        print(f"emkd init-student: {e}", file=sys.stderr)
+        print(f"emkd init-student: error: {e}", file=sys.stderr)
         return 2
     return 0
 
@@ -376,9 +691,11 @@ __all__ = [
     "VISION_TOWERS",
     "add_image_token",
     "add_init_student_arguments",
+    "copy_tokenizer_files",
     "copy_weights",
     "init_projector",
     "init_student",
+    "init_student_from_teacher",
     "load_language_model",
     "load_vision_tower",
     "run_init_student",

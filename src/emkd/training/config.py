@@ -23,8 +23,8 @@ TEMPLATES = ("plain", "chat")
 
 # Where each path a recipe may need comes from: said once, in the error that reports it missing.
 PATH_HINTS = {
-    "student": "a student checkpoint directory: the previous phase's output_dir/final, one composed by "
-    "`emkd init-student`, or runs/demo/student/phase1/final written by `emkd demo`",
+    "student": "a student checkpoint directory: the previous phase's output_dir/final, or one composed by "
+    "`emkd init-student --from-teacher TEACHER --out DIR --pool-size P --layers N`",
     "teacher": "a teacher checkpoint directory in transformers format (a LLaVA-family download), or the demo's "
     "teacher, src/emkd/demo/assets/teacher",
     "teacher_cache": "a directory written by `emkd cache-teacher`",

@@ -176,6 +176,17 @@ def compute_irs(
     }
 
 
+def format_scores(scores: list[float], layers: list[int]) -> list[str]:
+    """``scores[l]`` for each of ``layers`` with the fewest significant digits (at least 4) that tell them all apart,
+    so near-equal or tiny scores never print alike or as ``0.0000``."""
+    values = [float(scores[layer]) for layer in layers]
+    for digits in range(4, 18):
+        texts = [f"{v:.{digits}g}" for v in values]
+        if len(set(texts)) == len(set(values)):
+            return texts
+    return [repr(v) for v in values]
+
+
 def write_irs(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``irs.json`` (the result of :func:`compute_irs`) and ``irs.png`` (IRS per layer, argmax marked).
 
@@ -190,12 +201,13 @@ def write_irs(result: dict[str, Any], out_dir: str | Path) -> tuple[Path, Path]:
     json_path.write_text(json.dumps(result, indent=2) + "\n")
 
     scores, best = result["scores"], result["best_layer"]
+    (best_text,) = format_scores(scores, [best])
     fig = Figure(figsize=(6, 3.5))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ax.plot(range(len(scores)), scores, marker="o", color="tab:blue")
     ax.plot([best], [scores[best]], marker="*", markersize=16, color="tab:red", linestyle="none",
-            label=f"best layer {best} (IRS {scores[best]:.4f})")
+            label=f"best layer {best} (IRS {best_text})")
     ax.set_xlabel("teacher decoder layer")
     ax.set_ylabel("IRS = 1 - mean cos")
     ax.set_title(f"Instruction-Relevance Score ({result['num_pairs']} pairs, {result['num_samples']} samples)")
@@ -251,12 +263,27 @@ def run_irs(args: argparse.Namespace) -> int:
 
     result = compute_irs(teacher, batches(), num_pairs=args.num_pairs, seed=args.seed, max_samples=count)
     json_path, png_path = write_irs(result, args.out)
-    print(
-        f"IRS over {result['num_pairs']} pairs of {result['num_samples']} samples: best layer {result['best_layer']} "
-        f"of {len(result['scores'])} (IRS {result['scores'][result['best_layer']]:.4f}); wrote {json_path} and "
-        f"{png_path}"
-    )
+    print(irs_summary(result) + f"; wrote {json_path} and {png_path}")
     return 0
 
 
-__all__ = ["add_irs_arguments", "compute_irs", "recorded_instruction_attention", "run_irs", "write_irs"]
+def irs_summary(result: dict[str, Any]) -> str:
+    """One line: the best layer and its IRS, and the runner-up's, printed with digits enough to tell them apart."""
+    scores, best = result["scores"], result["best_layer"]
+    others = sorted((i for i in range(len(scores)) if i != best), key=lambda i: -scores[i])
+    line = f"IRS over {result['num_pairs']} pairs of {result['num_samples']} samples: best layer {best} of {len(scores)}"
+    if not others:
+        return line + f" (IRS {format_scores(scores, [best])[0]})"
+    best_text, next_text = format_scores(scores, [best, others[0]])
+    return line + f" (IRS {best_text}; next: layer {others[0]}, IRS {next_text})"
+
+
+__all__ = [
+    "add_irs_arguments",
+    "compute_irs",
+    "format_scores",
+    "irs_summary",
+    "recorded_instruction_attention",
+    "run_irs",
+    "write_irs",
+]
