@@ -15,11 +15,13 @@ from typing import Any
 
 import yaml
 
+from emkd.data.collate import ON_BAD_SAMPLE
+from emkd.data.render import TEMPLATES
 from emkd.errors import UserError
+from emkd.models.compose import DTYPES
+from emkd.training.methods import METHODS, check_loss_options  # the losses, not the models
 
-METHODS = ("sft", "kd", "rkl", "llava_kd", "align_ti", "emkd")
 STAGES = ("align", "instruct", "dpt", "sft", "dft")
-TEMPLATES = ("plain", "chat")
 
 # Where each path a recipe may need comes from: said once, in the error that reports it missing.
 PATH_HINTS = {
@@ -57,23 +59,31 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.template not in TEMPLATES:
             raise ValueError(f"data.template must be one of {TEMPLATES}, got {self.template!r}")
-        if self.on_bad_sample not in ("error", "skip"):
-            raise ValueError(f"data.on_bad_sample must be 'error' or 'skip', got {self.on_bad_sample!r}")
+        if self.on_bad_sample not in ON_BAD_SAMPLE:
+            raise ValueError(f"data.on_bad_sample must be {' or '.join(map(repr, ON_BAD_SAMPLE))}, "
+                             f"got {self.on_bad_sample!r}")
         if self.max_length <= 0:
             raise ValueError(f"data.max_length must be positive, got {self.max_length}")
 
 
 @dataclass
 class TrainConfig:
-    method: str = _help(f"distillation method, one of {METHODS}", default="emkd")
+    method: str = _help(
+        f"distillation method: a key of emkd.training.methods.METHODS ({', '.join(METHODS)}, or one added with "
+        "register_method)",
+        default="emkd",
+    )
     stage: str = _help(
         "'align' (projector only), 'instruct' (LLM + projector), or LLaVA-KD's 'dpt' / 'sft' / 'dft'", default="instruct"
     )
     student: str | None = _help("directory of the student checkpoint (model, tokenizer, image processor)", default=None)
-    teacher: str | None = _help("directory of the teacher checkpoint; unused by 'sft'", default=None)
+    teacher: str | None = _help(
+        "directory of the teacher checkpoint; unused by methods without a teacher ('sft')", default=None
+    )
     teacher_cache: str | None = _help(
         "directory written by `emkd cache-teacher`: the teacher's outputs are read from it and its weights are not "
-        "loaded (teacher= may then be omitted: the cache names its teacher); not for 'align_ti'",
+        "loaded (teacher= may then be omitted: the cache names its teacher); not for methods that cannot use it "
+        "('align_ti')",
         default=None,
     )
     loss: dict = _help("keyword arguments of the method's loss (defaults are the papers' values)", default_factory=dict)
@@ -122,26 +132,26 @@ class TrainConfig:
         if isinstance(self.data, dict):
             self.data = DataConfig(**self.data)
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+            raise ValueError(f"method must be one of {tuple(METHODS)}, got {self.method!r}")
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
-        if self.method == "align_ti" and self.teacher_cache is not None:
+        method = METHODS[self.method]
+        if self.teacher_cache is not None and not method.supports_teacher_cache:
             raise ValueError(
-                "method 'align_ti' cannot train from teacher_cache: its TPA runs the teacher on candidates sampled "
-                "from the student at every step, which no cache holds; unset teacher_cache"
+                f"method {self.method!r} cannot train from teacher_cache: {method.teacher_cache_reason}; unset "
+                "teacher_cache"
             )
         unknown_help = set(self.path_help) - set(PATH_HINTS)
         if unknown_help:
             raise ValueError(f"path_help has keys {sorted(unknown_help)} that are not paths; paths: {sorted(PATH_HINTS)}")
         if self.batch_size < 1 or self.grad_accum < 1:
             raise ValueError(f"batch_size and grad_accum must be >= 1, got {self.batch_size}, {self.grad_accum}")
-        if self.teacher_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"teacher_dtype must be float32, bfloat16 or float16, got {self.teacher_dtype!r}")
+        if self.teacher_dtype not in DTYPES:
+            *first, last = DTYPES
+            raise ValueError(f"teacher_dtype must be {', '.join(first)} or {last}, got {self.teacher_dtype!r}")
         _check_types(self, "")
         _check_types(self.data, "data.")
         _check_ranges(self)
-        from emkd.training.methods import check_loss_options  # the losses, not the models
-
         self.loss = check_loss_options(self.method, self.loss)
 
 
@@ -285,8 +295,6 @@ def check_paths(config: TrainConfig, source: str = "the recipe") -> None:
     Raises one :class:`~emkd.errors.UserError` that lists every missing key as the ``--set`` that fills it and every
     path that does not exist, each with where to get it: the recipe's ``path_help``, else :data:`PATH_HINTS`.
     """
-    from emkd.training.methods import METHODS
-
     needed = {"student": "DIR"}
     if METHODS[config.method].needs_teacher and config.teacher_cache is None:
         needed["teacher"] = "DIR"

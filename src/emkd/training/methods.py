@@ -18,18 +18,25 @@ DeepSpeed), so gradients are synchronised.
 A method's loss options (the recipe's ``loss:`` mapping) are the keyword parameters of the callable it hands them to
 (:meth:`Method.loss_callable`: the loss class, or Align-TI's step function). :func:`check_loss_options` checks their
 names and types against that signature, and the values by building the method, when the recipe loads, before any model.
+
+A method is known only here: the recipe, the run and the trainer read its class attributes
+(:attr:`Method.needs_teacher`, ``supports_teacher_cache``, ``supports_sharding``, :meth:`Method.run_options`), never
+its name. Adding one is its loss
+and one :class:`Method` subclass decorated with :func:`register_method` (``tests/test_method_registry.py`` does it).
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
+import json
 import types
 import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -37,6 +44,9 @@ from emkd.losses import EMKDLoss, KDLoss, LlavaKDLoss
 from emkd.losses.head import head_divergences
 from emkd.losses.response import mean_or_zero
 from emkd.models.base import DistillAdapter
+
+if TYPE_CHECKING:
+    from emkd.training.config import TrainConfig
 
 
 @dataclass
@@ -46,15 +56,42 @@ class StepOutput:
 
 
 class Method(ABC):
-    """One training objective. ``loss_kwargs`` are the recipe's ``loss:`` mapping (the papers' values by default)."""
+    """One training objective. ``loss_kwargs`` are the recipe's ``loss:`` mapping (the papers' values by default).
 
+    A method's identity lives here, in its class attributes, and nowhere else: the recipe (:mod:`emkd.training.config`),
+    the run (:mod:`emkd.training.run`) and the trainer (:mod:`emkd.training.trainer`) read these flags and never compare
+    a method's name. A new method is its loss plus one subclass registered with :func:`register_method`.
+    """
+
+    #: the key of :data:`METHODS` and of the recipe's ``method:``
     name: ClassVar[str]
+    #: whether the method runs a teacher: the run then loads one (or its ``teacher_cache``) and checks
+    #: ``teacher=`` is set; ``False`` (``sft``) trains the student alone
     needs_teacher: ClassVar[bool] = True
+    #: whether the teacher's outputs can be read from ``emkd cache-teacher``'s cache (``teacher_cache=``) instead of
+    #: running the teacher; a method whose teacher sees inputs no cache holds sets ``False``
+    supports_teacher_cache: ClassVar[bool] = True
+    #: why ``supports_teacher_cache`` is ``False``: the recipe's error, "method NAME cannot train from teacher_cache:
+    #: REASON; unset teacher_cache"
+    teacher_cache_reason: ClassVar[str] = ""
+    #: whether the method trains correctly when the student's parameters are sharded outside its forward (FSDP,
+    #: DeepSpeed ZeRO-3): true when its student loss runs inside the student's forward (the adapter's ``loss_fn``)
+    supports_sharding: ClassVar[bool] = True
+    #: why ``supports_sharding`` is ``False``: the trainer's error, "method NAME is not supported under FSDP: REASON.
+    #: Use DDP or ZeRO-2."
+    sharding_reason: ClassVar[str] = ""
     #: parameters of :meth:`loss_callable` that the method fills itself (models, batch) or ignores: not options
     not_options: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, **loss_kwargs: Any) -> None:
         self.loss_kwargs = loss_kwargs
+
+    @classmethod
+    def run_options(cls, config: TrainConfig) -> dict[str, Any]:
+        """Loss options the run derives from other recipe keys (Align-TI: ``iva_layer`` from ``irs_layer`` /
+        ``irs_file``), resolved when the run builds the method; the recipe's own ``loss:`` values take precedence.
+        None by default."""
+        return {}
 
     @classmethod
     def loss_callable(cls) -> Callable[..., Any]:
@@ -85,6 +122,7 @@ class Method(ABC):
             return teacher(side, **kwargs)
 
 
+#: name -> method class, in registration order (the order a recipe's "method must be one of" error lists them)
 METHODS: dict[str, type[Method]] = {}
 
 
@@ -237,25 +275,18 @@ class LlavaKD(_LossMethod):
 
 
 @register_method
-class EMKD(_LossMethod):
-    name = "emkd"
-
-    @classmethod
-    def loss_callable(cls):
-        return EMKDLoss
-
-    def build_loss(self):
-        return EMKDLoss(**self.loss_kwargs)
-
-
-@register_method
 class AlignTI(Method):
     """Align-TI (``CE + IVA + KD + TPA``). ``loss_kwargs``: ``iva_layer`` (teacher layer of IVA's weights, set by
-    the trainer from ``irs_layer`` / ``irs_file``), ``num_candidates`` (4), ``sampling`` (``nucleus``), ``top_p``
-    (0.9), ``iva_matching`` (``auto``), ``temperature`` (1), ``vocab`` (``strict``), ``implementation``
-    (``fused``)."""
+    the run from ``irs_layer`` / ``irs_file``: :meth:`run_options`), ``num_candidates`` (4), ``sampling``
+    (``nucleus``), ``top_p`` (0.9), ``iva_matching`` (``auto``), ``temperature`` (1), ``vocab`` (``strict``),
+    ``implementation`` (``fused``)."""
 
     name = "align_ti"
+    supports_teacher_cache = False
+    teacher_cache_reason = ("its TPA runs the teacher on candidates sampled from the student at every step, which no "
+                            "cache holds")
+    supports_sharding = False
+    sharding_reason = "TPA reads the student's LM head outside its forward pass, where it is sharded"
     not_options = frozenset({"student_adapter", "teacher_adapter", "batch", "generator", "student_model"})
 
     @classmethod
@@ -263,6 +294,12 @@ class AlignTI(Method):
         from emkd.training.align_ti import align_ti_step
 
         return align_ti_step
+
+    @classmethod
+    def run_options(cls, config: TrainConfig) -> dict[str, Any]:
+        """``iva_layer`` (:func:`resolve_iva_layer`) when the recipe names a teacher (without one the run stops on
+        the missing teacher instead)."""
+        return {"iva_layer": resolve_iva_layer(config)} if config.teacher is not None else {}
 
     def __call__(self, student, teacher, batch, model=None) -> StepOutput:
         from emkd.training.align_ti import align_ti_step
@@ -275,3 +312,27 @@ class AlignTI(Method):
         components = {k: float(parts[k].detach()) for k in ("ce", "iva", "kd", "tpa")}
         components["loss"] = float(loss.detach())
         return StepOutput(loss, components)
+
+
+@register_method
+class EMKD(_LossMethod):
+    name = "emkd"
+
+    @classmethod
+    def loss_callable(cls):
+        return EMKDLoss
+
+    def build_loss(self):
+        return EMKDLoss(**self.loss_kwargs)
+
+
+def resolve_iva_layer(config: TrainConfig) -> int:
+    """Align-TI's IVA layer: ``irs_layer`` if set, else ``best_layer`` of the ``emkd irs`` JSON in ``irs_file``."""
+    if config.irs_layer is not None:
+        return config.irs_layer
+    if config.irs_file is None:
+        raise ValueError(
+            "method 'align_ti' needs the teacher layer of IVA's weights: run `emkd irs` and set irs_file=PATH/irs.json, "
+            "or set irs_layer=N"
+        )
+    return int(json.loads(Path(config.irs_file).read_text())["best_layer"])

@@ -1,7 +1,7 @@
 """``emkd train``: a recipe read top to bottom — setup, train, save.
 
-``train(config)`` loads the student and (unless the method is ``sft``) the teacher from local directories — or, with
-``teacher_cache``, only the teacher's vision side and the cache of its outputs — checks that they tokenize text
+``train(config)`` loads the student and (unless the method needs none: ``sft``) the teacher from local directories —
+or, with ``teacher_cache``, only the teacher's vision side and the cache of its outputs — checks that they tokenize text
 identically, sets what the stage trains, builds the pair data set, and runs
 :class:`~emkd.training.trainer.DistillTrainer`. Under ``torchrun`` every process runs this same function; the
 Trainer splits the batches.
@@ -35,10 +35,12 @@ except ImportError:  # not POSIX: runs go unlocked
 
 from emkd.data import PairCollator, PairDataset
 from emkd.models import EfficientMLLMAdapter, check_same_tokenization, load_student, load_teacher
+from emkd.models.compose import DTYPES
 from emkd.compat import installed_versions
 from emkd.errors import NonFiniteError, OutputDirError, UserError
 from emkd.training.config import TrainConfig, check_paths
-from emkd.training.methods import build_method
+from emkd.training.methods import METHODS, build_method
+from emkd.training.methods import resolve_iva_layer  # noqa: F401  (public here before it moved to its method)
 from emkd.training.stages import apply_stage
 from emkd.training.teacher_cache import CachedTeacher, load_cached_teacher
 from emkd.training.trainer import (
@@ -52,7 +54,6 @@ from emkd.training.trainer import (
     truncate_log,
 )
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LOCK_FILE = "emkd.lock"
 # What a run writes into output_dir (all that --overwrite deletes; anything else there is left alone).
 RUN_FILES = ("log.jsonl", "recipe.json", "environment.json", "summary.json", "final", "final.partial", "final.old")
@@ -258,18 +259,6 @@ def training_arguments(config: TrainConfig, **overrides: Any) -> TrainingArgumen
     return TrainingArguments(**kwargs)
 
 
-def resolve_iva_layer(config: TrainConfig) -> int:
-    """Align-TI's IVA layer: ``irs_layer`` if set, else ``best_layer`` of the ``emkd irs`` JSON in ``irs_file``."""
-    if config.irs_layer is not None:
-        return config.irs_layer
-    if config.irs_file is None:
-        raise ValueError(
-            "method 'align_ti' needs the teacher layer of IVA's weights: run `emkd irs` and set irs_file=PATH/irs.json, "
-            "or set irs_layer=N"
-        )
-    return int(json.loads(Path(config.irs_file).read_text())["best_layer"])
-
-
 def build_trainer(config: TrainConfig, source: str = "the recipe") -> DistillTrainer:
     """Everything ``train`` needs, without running it (tests use this to inspect a run).
 
@@ -281,9 +270,7 @@ def build_trainer(config: TrainConfig, source: str = "the recipe") -> DistillTra
     apply_stage(model, config.stage, config.train_vision_tower)
     student = EfficientMLLMAdapter(model, student_side, return_logits=False)
     teacher = None
-    loss_kwargs = dict(config.loss)
-    if config.method == "align_ti" and config.teacher is not None:
-        loss_kwargs.setdefault("iva_layer", resolve_iva_layer(config))
+    loss_kwargs = {**METHODS[config.method].run_options(config), **config.loss}  # the recipe's loss: wins
     method = build_method(config.method, **loss_kwargs)
     if method.needs_teacher:
         if config.teacher_cache is not None:

@@ -74,6 +74,7 @@ from emkd.errors import UserError
 from emkd.inputs import DistillInputs
 from emkd.losses.align_ti import instruction_vision_attention
 from emkd.models.base import AdapterOutput, DistillAdapter, VisionSide
+from emkd.models.compose import DTYPES
 from emkd.models.teachers import checkpoint_architecture, load_teacher, load_teacher_side
 
 CACHE_FORMAT = "emkd-teacher-cache"
@@ -81,7 +82,7 @@ CACHE_VERSION = 2  # 2: shard_sha256 and head_sha256
 READABLE_VERSIONS = (1, 2)
 INDEX_FILE = "index.json"
 HEAD_FILE = "head.safetensors"
-CACHE_DTYPES = ("float32", "bfloat16", "float16")
+CACHE_DTYPES = tuple(DTYPES)  # ("float32", "bfloat16", "float16")
 DEFAULT_SHARD_BYTES = 1 << 30
 # top-k logits the size report compares with: k, and the bytes of one value in each dtype (+ an int32 index)
 TOPK_SIZES = (8, 32, 100)

@@ -489,17 +489,19 @@ def sharding_kind(trainer: Trainer) -> str | None:
 def check_sharding_supported(trainer: Trainer, method: Method) -> None:
     """Refuse what sharded training cannot compute correctly.
 
-    Every method but Align-TI computes its loss inside the student's forward (``loss_fn`` of the adapter), where
-    FSDP holds the root unit (which owns the LM head) whole and ZeRO-3 gathers the head registered as an external
-    parameter (:meth:`DistillTrainer.compute_loss`). Align-TI's TPA reads the student head after an augmented
-    forward pass, outside it: under sharding that head is a shard, so it is refused rather than trained wrong.
-    The frozen teacher is never part of the wrapped model: every process holds it whole.
+    A method that computes its loss inside the student's forward (``loss_fn`` of the adapter) trains correctly:
+    FSDP holds the root unit (which owns the LM head) whole there and ZeRO-3 gathers the head registered as an
+    external parameter (:meth:`DistillTrainer.compute_loss`). One that reads the student's parameters outside it
+    (Align-TI's TPA reads the head after an augmented forward pass) would see a shard: it sets
+    :attr:`~emkd.training.methods.Method.supports_sharding` to ``False`` and is refused here, with its
+    ``sharding_reason``, rather than trained wrong. The frozen teacher is never part of the wrapped model: every
+    process holds it whole.
     """
     kind = sharding_kind(trainer)
-    if kind is not None and method.name == "align_ti":
+    if kind is not None and not method.supports_sharding:
         raise NotImplementedError(
-            f"method 'align_ti' is not supported under {'FSDP' if kind == 'fsdp' else 'DeepSpeed ZeRO-3'}: TPA reads "
-            "the student's LM head outside its forward pass, where it is sharded. Use DDP or ZeRO-2."
+            f"method {method.name!r} is not supported under {'FSDP' if kind == 'fsdp' else 'DeepSpeed ZeRO-3'}: "
+            f"{method.sharding_reason}. Use DDP or ZeRO-2."
         )
 
 
