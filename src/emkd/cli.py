@@ -22,8 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="command")
     demo = sub.add_parser("demo", help="distill a tiny efficient MLLM on real data and print the comparison")
     demo.add_argument("--quick", action="store_true",
-                      help="a pipeline check on a tiny budget (about a minute): every stage runs, but the "
-                      "students do not learn enough for their scores to mean anything")
+                      help="a pipeline check on a tiny budget (seconds when idle, under a minute when busy): every "
+                      "stage runs, but the students do not learn enough for their scores to mean anything")
     demo.add_argument("--out", default="runs/demo",
                       help="where data, checkpoints and the report go (a previous demo's runs there are replaced)")
     demo.add_argument("--seed", type=int, default=0)
