@@ -9,7 +9,6 @@ a 4 x 4 patch grid.
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -31,7 +30,8 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from emkd.models.compose import add_init_student_arguments, copy_weights, init_projector, init_student, run_init_student
+from emkd.cli import main
+from emkd.models.compose import copy_weights, init_projector, init_student
 from emkd.models.student_side import load_student
 from emkd.models.tokenizer import CHATML_TEMPLATE, SPECIAL_TOKENS, build_tokenizer
 
@@ -303,14 +303,12 @@ def test_copy_weights_checks_keys_and_shapes():
 
 # ---- command line -----------------------------------------------------------------------------------------------
 def test_cli(ckpt, tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    add_init_student_arguments(parser)
-    argv = ["--vision", str(ckpt["siglip_vision"]), "--llm", str(ckpt["lm_tied"]), "--out", str(tmp_path / "s"),
-            "--pool-size", "2"]
-    assert run_init_student(parser.parse_args(argv)) == 0
+    argv = ["init-student", "--vision", str(ckpt["siglip_vision"]), "--llm", str(ckpt["lm_tied"]),
+            "--out", str(tmp_path / "s"), "--pool-size", "2"]
+    assert main(argv) == 0
     assert "init-student: wrote" in capsys.readouterr().out
     assert load_student(tmp_path / "s")[0].num_image_tokens() == 4
-    assert run_init_student(parser.parse_args(argv)) == 2  # --out is no longer empty
+    assert main(argv) == 2  # --out is no longer empty
     assert "not empty" in capsys.readouterr().err
-    assert run_init_student(parser.parse_args(argv + ["--overwrite", "--compressor", "none"])) == 0
+    assert main(argv + ["--overwrite", "--compressor", "none"]) == 0
     assert load_student(tmp_path / "s")[0].num_image_tokens() == 16  # every patch of the 4 x 4 grid

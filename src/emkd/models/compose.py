@@ -54,7 +54,6 @@ import argparse
 import copy
 import json
 import shutil
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -646,44 +645,26 @@ def add_init_student_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_init_student(args: argparse.Namespace) -> int:
-    """Run ``emkd init-student`` from parsed arguments; return 0, or 2 after printing the error to stderr."""
+    """Run ``emkd init-student`` from parsed arguments; return 0. Errors in what was given are
+    :class:`~emkd.errors.UserError`, which the ``emkd`` command prints as one line (exit 2)."""
+    common = dict(pool_size=args.pool_size, compressor=args.compressor, anyres=args.anyres,
+                  dtype=None if args.dtype is None else DTYPES[args.dtype], seed=args.seed, overwrite=args.overwrite)
     try:
         if args.from_teacher is not None:
             if args.vision is not None:
                 raise UserError("--vision does not go with --from-teacher, which takes the teacher's vision tower")
-            init_student_from_teacher(
-                args.from_teacher,
-                args.out,
-                pool_size=args.pool_size,
-                llm_path=args.llm,
-                layers=args.layers,
-                hidden=args.hidden,
-                compressor=args.compressor,
-                anyres=args.anyres,
-                dtype=None if args.dtype is None else DTYPES[args.dtype],
-                seed=args.seed,
-                overwrite=args.overwrite,
-            )
+            init_student_from_teacher(args.from_teacher, args.out, llm_path=args.llm, layers=args.layers,
+                                      hidden=args.hidden, **common)
             return 0
         if args.vision is None or args.llm is None:
             raise UserError("give --from-teacher DIR, or both --vision DIR and --llm DIR")
         if args.layers is not None or args.hidden is not None:
             raise UserError("--layers and --hidden go with --from-teacher")
-        init_student(
-            args.vision,
-            args.llm,
-            args.out,
-            pool_size=args.pool_size,
-            compressor=args.compressor,
-            vision_feature_layer=args.vision_feature_layer,
-            anyres=args.anyres,
-            dtype=None if args.dtype is None else DTYPES[args.dtype],
-            seed=args.seed,
-            overwrite=args.overwrite,
-        )
-    except (OSError, ValueError) as e:
-        print(f"emkd init-student: error: {e}", file=sys.stderr)
-        return 2
+        init_student(args.vision, args.llm, args.out, vision_feature_layer=args.vision_feature_layer, **common)
+    except UserError:
+        raise
+    except (OSError, ValueError) as e:  # a checkpoint that is missing or does not fit: the user's to fix
+        raise UserError(str(e)) from e
     return 0
 
 

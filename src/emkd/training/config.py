@@ -20,6 +20,7 @@ from emkd.data.render import TEMPLATES
 from emkd.errors import UserError
 from emkd.models.compose import DTYPES
 from emkd.training.methods import METHODS, check_loss_options  # the losses, not the models
+from emkd.training.options import type_fields
 
 STAGES = ("align", "instruct", "dpt", "sft", "dft")
 
@@ -57,6 +58,7 @@ class DataConfig:
     )
 
     def __post_init__(self) -> None:
+        type_fields(self, "data.")
         if self.template not in TEMPLATES:
             raise ValueError(f"data.template must be one of {TEMPLATES}, got {self.template!r}")
         if self.on_bad_sample not in ON_BAD_SAMPLE:
@@ -131,6 +133,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.data, dict):
             self.data = DataConfig(**self.data)
+        type_fields(self)  # max_steps=1.5 or train_vision_tower=maybe is an error here, not a TypeError mid-step
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {tuple(METHODS)}, got {self.method!r}")
         if self.stage not in STAGES:
@@ -149,8 +152,6 @@ class TrainConfig:
         if self.teacher_dtype not in DTYPES:
             *first, last = DTYPES
             raise ValueError(f"teacher_dtype must be {', '.join(first)} or {last}, got {self.teacher_dtype!r}")
-        _check_types(self, "")
-        _check_types(self.data, "data.")
         _check_ranges(self)
         self.loss = check_loss_options(self.method, self.loss)
 
@@ -187,52 +188,11 @@ def _check_ranges(config: TrainConfig) -> None:
         raise ValueError(f"lr_scheduler {config.lr_scheduler!r} is not a transformers scheduler ({hint})")
 
 
-_SCALARS = {"int": int, "float": float, "bool": bool, "str": str, "dict": dict}
-
-
-def _field_type(f: dataclasses.Field) -> tuple[type | None, bool]:
-    """(``int``/``float``/``bool``/``str``/``dict`` or None for other types, whether ``None`` is allowed)."""
-    text = str(f.type)
-    optional = text.endswith(" | None")
-    return _SCALARS.get(text.removesuffix(" | None")), optional
-
-
-def _check_types(config: Any, prefix: str) -> None:
-    """Every scalar field holds its declared type: ``max_steps=1.5`` or ``train_vision_tower=maybe`` is an error here,
-    at load, not a ``TypeError`` inside the first step."""
-    for f in dataclasses.fields(config):
-        kind, optional = _field_type(f)
-        value = getattr(config, f.name)
-        if kind is None or (value is None and optional):
-            continue
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            continue  # an int is a fine float
-        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-            raise ValueError(f"{prefix}{f.name} must be {kind.__name__}{' or null' if optional else ''}, got {value!r}")
-
-
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ValueError(f"--set expects key=value, got {item!r}")
     key, raw = item.split("=", 1)
     return key.strip().split("."), yaml.safe_load(raw) if raw != "" else None
-
-
-def _coerce(cls: type, values: dict[str, Any], source: str) -> dict[str, Any]:
-    """Turn YAML strings into the numbers a field's type asks for (YAML reads ``1e-3`` as a string)."""
-    out = dict(values)
-    for f in dataclasses.fields(cls):
-        value = out.get(f.name)
-        kind = str(f.type).replace(" | None", "")
-        if isinstance(value, str) and kind in ("float", "int"):
-            try:
-                out[f.name] = float(value) if kind == "float" else int(value)
-            except ValueError:
-                prefix = "data." if cls is DataConfig else ""
-                raise ValueError(f"{prefix}{f.name} must be {kind}, got {value!r}") from None
-        elif isinstance(value, int) and not isinstance(value, bool) and kind == "float":
-            out[f.name] = float(value)
-    return out
 
 
 def _known_keys(cls: type) -> set[str]:
@@ -285,8 +245,8 @@ def _load_recipe(path: str | Path | None, overrides: list[str] | None, source: s
         node[keys[-1]] = value
     _refuse_unknown(raw, TrainConfig, "", source)
     _refuse_unknown(raw.get("data") or {}, DataConfig, "data.", source)
-    raw["data"] = DataConfig(**_coerce(DataConfig, raw.get("data") or {}, source))
-    return TrainConfig(**_coerce(TrainConfig, raw, source))
+    raw["data"] = DataConfig(**(raw.get("data") or {}))
+    return TrainConfig(**raw)
 
 
 def check_paths(config: TrainConfig, source: str = "the recipe") -> None:

@@ -30,8 +30,6 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
-import types
-import typing
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,6 +42,7 @@ from emkd.losses import EMKDLoss, KDLoss, LlavaKDLoss
 from emkd.losses.head import head_divergences
 from emkd.losses.response import mean_or_zero
 from emkd.models.base import DistillAdapter
+from emkd.training.options import typed_value
 
 if TYPE_CHECKING:
     from emkd.training.config import TrainConfig
@@ -164,39 +163,8 @@ def _typed_options(cls: type[Method], options: dict[str, Any]) -> dict[str, Any]
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f"did you mean 'loss.{close[0]}'?" if close else f"options: {', '.join(sorted(known)) or 'none'}"
             raise ValueError(f"unknown loss option 'loss.{key}' of method {cls.name!r} ({hint})")
-        out[key] = _typed_value(f"loss.{key}", value, known[key].annotation)
+        out[key] = typed_value(f"loss.{key}", value, known[key].annotation)
     return out
-
-
-def _typed_value(key: str, value: Any, annotation: Any) -> Any:
-    """``value`` as ``annotation`` asks (int, float, str, bool, optionally ``| None``); other annotations pass."""
-    if annotation is inspect.Parameter.empty or annotation is Any:
-        return value
-    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
-    allowed = set(typing.get_args(annotation)) if is_union else {annotation}
-    if value is None and type(None) in allowed:
-        return None
-    simple = allowed & {bool, int, float, str}
-    if not simple or len(allowed - {type(None)}) != len(simple):
-        return value  # e.g. a tensor or a generator: not something a recipe sets
-    if isinstance(value, bool):
-        if bool in simple:
-            return value
-    elif isinstance(value, int) and (int in simple or float in simple):
-        return value if int in simple else float(value)
-    elif isinstance(value, float) and float in simple:
-        return value
-    elif isinstance(value, str):
-        if str in simple:
-            return value
-        for kind in (int, float):  # YAML reads 1e-3 as a string
-            if kind in simple:
-                try:
-                    return kind(value)
-                except ValueError:
-                    pass
-    names = " or ".join(t.__name__ for t in (bool, int, float, str) if t in simple)
-    raise ValueError(f"{key} must be {names}{' or null' if type(None) in allowed else ''}, got {value!r}")
 
 
 @register_method
@@ -221,14 +189,19 @@ class SFT(Method):
 
 
 class _LossMethod(Method):
-    """A method that is one loss module applied to the two sides' DistillInputs."""
+    """A method that is one loss module (``loss_class``, built with ``loss_defaults`` under the recipe's ``loss:``
+    values) applied to the two sides' DistillInputs."""
 
-    def build_loss(self) -> torch.nn.Module:
-        raise NotImplementedError
+    loss_class: ClassVar[type[torch.nn.Module]]
+    loss_defaults: ClassVar[dict[str, Any]] = {}
 
     def __init__(self, **loss_kwargs: Any) -> None:
         super().__init__(**loss_kwargs)
-        self.loss_fn = self.build_loss()
+        self.loss_fn = self.loss_class(**{**self.loss_defaults, **self.loss_kwargs})
+
+    @classmethod
+    def loss_callable(cls):
+        return cls.loss_class
 
     def __call__(self, student, teacher, batch, model=None) -> StepOutput:
         if teacher is None:
@@ -241,37 +214,21 @@ class _LossMethod(Method):
 @register_method
 class KD(_LossMethod):
     name = "kd"
-
-    @classmethod
-    def loss_callable(cls):
-        return KDLoss
-
-    def build_loss(self):
-        return KDLoss(**{"divergence": "forward", "ce_weight": 1.0, "kd_weight": 1.0, **self.loss_kwargs})
+    loss_class = KDLoss
+    loss_defaults = {"divergence": "forward", "ce_weight": 1.0, "kd_weight": 1.0}
 
 
 @register_method
 class RKL(_LossMethod):
     name = "rkl"
-
-    @classmethod
-    def loss_callable(cls):
-        return KDLoss
-
-    def build_loss(self):
-        return KDLoss(**{"divergence": "reverse", "ce_weight": 0.5, "kd_weight": 0.5, **self.loss_kwargs})
+    loss_class = KDLoss
+    loss_defaults = {"divergence": "reverse", "ce_weight": 0.5, "kd_weight": 0.5}
 
 
 @register_method
 class LlavaKD(_LossMethod):
     name = "llava_kd"
-
-    @classmethod
-    def loss_callable(cls):
-        return LlavaKDLoss
-
-    def build_loss(self):
-        return LlavaKDLoss(**self.loss_kwargs)
+    loss_class = LlavaKDLoss
 
 
 @register_method
@@ -317,13 +274,7 @@ class AlignTI(Method):
 @register_method
 class EMKD(_LossMethod):
     name = "emkd"
-
-    @classmethod
-    def loss_callable(cls):
-        return EMKDLoss
-
-    def build_loss(self):
-        return EMKDLoss(**self.loss_kwargs)
+    loss_class = EMKDLoss
 
 
 def resolve_iva_layer(config: TrainConfig) -> int:
