@@ -56,6 +56,7 @@ def main() -> None:
         torch.save(grads, out.with_suffix(".pt"))
         out.write_text(json.dumps({"components": step.components, "head_sharded_after_forward": bool(head_sharded)}))
     if sharded:
+        dist.barrier()  # both ranks are done with every collective before gloo's pairs are torn down
         dist.destroy_process_group()
 
 
