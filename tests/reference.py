@@ -72,6 +72,13 @@ def mean(values: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(values).sum() / len(values)
 
 
+def sum_over(values: list[torch.Tensor], count: int) -> torch.Tensor:
+    """``sum(values) / count``; zero when nothing is summed or counted."""
+    if not values or count == 0:
+        return torch.zeros((), dtype=torch.float64)
+    return torch.stack(values).sum() / count
+
+
 # ---- positions and logits ---------------------------------------------------------------------------------------
 def positions(side, b: int) -> tuple[list[int], list[int], list[int], list[int]]:
     """Sample ``b``'s vision positions, text positions, response positions and response targets, in order."""
@@ -217,7 +224,10 @@ def ref_emkd(
     vsd_target: str = "logits",
     vocab: str = "strict",
     projector: torch.nn.Linear | None = None,
+    vision_reduction: str = "batch",
 ) -> dict:
+    """SPEC §3. ``vision_reduction="batch"``: VSD and VLAD sum their per-sample values over samples and divide by
+    ``B`` (text-only samples included); ``"image_samples"``: by the number of samples with a pair."""
     v = common_vocab(student, teacher, vocab)
     zs_full = full_logits(student, v, detach=False)
     zt_full = full_logits(teacher, v, detach=True)
@@ -251,7 +261,9 @@ def ref_emkd(
         text_t = hidden64(teacher, detach=True)[b, text_t_pos]  # (K, Dt)
         if len(text_s_pos) > 0:
             vlad_terms.append(vlad_sample(pairs.hs, pairs.ht, text_s, text_t))
-    vsd, vlad = mean(vsd_terms), mean(vlad_terms)
+    B = student.hidden.shape[0]
+    per = B if vision_reduction == "batch" else len(vsd_terms)  # vsd_terms: one per sample with a pair
+    vsd, vlad = sum_over(vsd_terms, per), sum_over(vlad_terms, per)
     loss = alpha * sup + (1.0 - alpha) * rld + beta * vsd + gamma * vlad
     return dict(loss=loss, sup=sup, rld=rld, vsd=vsd, vlad=vlad, matches=matches)
 
@@ -326,9 +338,11 @@ def ref_kd(
 
 # ---- Align-TI (SPEC §6) -----------------------------------------------------------------------------------------
 def ref_iva(
-    student, teacher, weights, *, matching: str = "auto", temperature: float = 1.0, vocab: str = "strict"
+    student, teacher, weights, *, matching: str = "auto", temperature: float = 1.0, vocab: str = "strict",
+    normalisation: str = "token_sum",
 ) -> tuple[torch.Tensor, list]:
-    """``IVA_b = sum_m w[t_m] KL(p_t[t_m] || p_s[s_m])`` on vision logits; mean over samples with a pair."""
+    """``IVA_b = sum_m w[t_m] KL(p_t[t_m] || p_s[s_m])`` on vision logits; ``token_sum``: the sum over samples
+    divided by ``B`` (every sample); ``token_mean``: divided by the number of vision pairs of the batch."""
     v = common_vocab(student, teacher, vocab)
     zs_full = full_logits(student, v, detach=False)
     zt_full = full_logits(teacher, v, detach=True)
@@ -344,7 +358,8 @@ def ref_iva(
         for m, t in enumerate(pairs.idx_t):
             total = total + w[t] * kl(pairs.zt[m], pairs.zs[m], temperature)
         terms.append(total)
-    return mean(terms), matches
+    count = student.hidden.shape[0] if normalisation == "token_sum" else sum(len(s) for s, _ in matches)
+    return sum_over(terms, count), matches
 
 
 def ref_instruction_vision_attention(attention: torch.Tensor, vision_mask, instruction_mask) -> list[torch.Tensor]:

@@ -24,7 +24,7 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     lines = []
     results = run_demo(tmp_path / "demo", quick=True, print_fn=lines.append)
     assert list(results) == ["teacher", "student-sft", "student-emkd"]
-    families = {"general", "counting", "ocr", "grid", "chart"}
+    families = {"general", "color", "counting", "ocr", "chart"}
     for name, result in results.items():
         assert set(result.accuracy) == families, name
         assert all(0.0 <= a <= 1.0 for a in result.accuracy.values())

@@ -1,8 +1,10 @@
 """The demo's data: deterministic, valid for the data pipeline, balanced, cached, and fine-grained where it says so.
 
-The pooling tests are the point of the suite: for each fine-grained family, a meaningful fraction of samples has a
-twin with another answer whose pooled view (what a 2 x 2-pooled token of a linear patch embedding sees) is the same,
-while the full-resolution images, which the teacher sees, differ.
+The pooling tests are the point of the suite: for each fine-grained family, in the half of the samples where the
+framed object shares its block, moving the frame to another object of the block changes the answer but not the
+pooled view of a *linear* patch embedding, while a per-patch non-linear
+feature (what a trained tower layer can compute before pooling) keeps the framed object apart, so a student that
+trains its tower can recover the answer.
 """
 
 from __future__ import annotations
@@ -25,10 +27,12 @@ from emkd.demo.datasets import (
     build_demo_data,
     caption_record,
     convert_easy_vqa,
+    FRAME_COLOR,
+    POOL,
     make_chart,
+    make_color,
     make_counting,
     make_family,
-    make_grid,
     make_ocr,
     pooled_view,
     sample_key,
@@ -117,13 +121,13 @@ def test_build_is_cached_and_rebuilds_on_new_arguments(tmp_path):
 
     smaller = {**SMALL, "per_family_train": 12}
     build_demo_data(tmp_path, seed=0, **smaller)
-    assert Counter(r["category"] for r in _records(paths["train"]))["grid"] == 12
-    assert len(list((paths["images"] / "grid_train").glob("*.png"))) == 12  # the old images are gone
+    assert Counter(r["category"] for r in _records(paths["train"]))["color"] == 12
+    assert len(list((paths["images"] / "color_train").glob("*.png"))) == 12  # the old images are gone
     assert json.loads(paths["manifest"].read_text())["args"]["per_family_train"] == 12
 
 
 # ---- the generators -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("make, name", [(make_counting, "counting"), (make_ocr, "ocr"), (make_grid, "grid"),
+@pytest.mark.parametrize("make, name", [(make_counting, "counting"), (make_ocr, "ocr"), (make_color, "color"),
                                         (make_chart, "chart")])
 def test_answers_are_balanced_and_phrasings_few(make, name, tmp_path):
     family = FAMILIES[name]
@@ -136,12 +140,12 @@ def test_answers_are_balanced_and_phrasings_few(make, name, tmp_path):
 
 
 def test_make_family_is_deterministic_and_honours_exclude(tmp_path):
-    a = make_family("grid", 18, np.random.default_rng(7), tmp_path / "a")
-    b = make_family("grid", 18, np.random.default_rng(7), tmp_path / "b")
+    a = make_family("color", 18, np.random.default_rng(7), tmp_path / "a")
+    b = make_family("color", 18, np.random.default_rng(7), tmp_path / "b")
     assert [r["meta"] for r in a] == [r["meta"] for r in b]
-    seen = {sample_key("grid", r["meta"]) for r in a}
-    c = make_family("grid", 18, np.random.default_rng(7), tmp_path / "c", exclude=seen)
-    assert not seen & {sample_key("grid", r["meta"]) for r in c}
+    seen = {sample_key("color", r["meta"]) for r in a}
+    c = make_family("color", 18, np.random.default_rng(7), tmp_path / "c", exclude=seen)
+    assert not seen & {sample_key("color", r["meta"]) for r in c}
 
 
 def test_easy_vqa_spread_and_meta(tmp_path):
@@ -163,19 +167,21 @@ def test_easy_vqa_spread_and_meta(tmp_path):
 
 
 def test_caption_record_examples_and_errors():
-    grid = {"orient": "h", "colors": ["red", "blue"]}
-    assert caption_record({"id": "g", "image": "g.png", "category": "grid", "meta": grid})["conversations"] == [
+    color = {"objects": [{"cell": [0, 0], "value": "red", "shape": "circle"}], "framed": 0}
+    assert caption_record({"id": "g", "image": "g.png", "category": "color", "meta": color})["conversations"] == [
         {"from": "human", "value": "<image>"},
-        {"from": "gpt", "value": "a red square left of a blue square"},
+        {"from": "gpt", "value": "a red circle in a frame"},
     ]
-    ocr = caption_record({"id": "o", "image": "o.png", "category": "ocr", "meta": {"number": "31"}})
-    assert ocr["conversations"][1]["value"] == "the number 31"
+    digits = {"objects": [{"cell": [0, 0], "value": "4", "color": "red"}, {"cell": [0, 1], "value": "2",
+                                                                          "color": "blue"}], "framed": 1}
+    ocr = caption_record({"id": "o", "image": "o.png", "category": "ocr", "meta": digits})
+    assert ocr["conversations"][1]["value"] == "the digit 2 in a frame"
     general = {"id": "e", "image": "e.png", "category": "general", "meta": {"color": "teal", "shape": None}}
     assert caption_record(general)["conversations"][1]["value"] == "a teal shape"
     with pytest.raises(ValueError, match="category 'video'.*expected 'general'"):
         caption_record({"id": "x", "image": "x.png", "category": "video", "meta": {}})
     with pytest.raises(ValueError, match="no 'meta'"):
-        caption_record({"id": "x", "image": "x.png", "category": "grid"})
+        caption_record({"id": "x", "image": "x.png", "category": "color"})
 
 
 # ---- pooling: the point of the suite --------------------------------------------------------------------------------
@@ -195,63 +201,69 @@ def test_pooled_view_is_what_a_pooled_linear_token_sees():
     assert not np.allclose(pooled_view(image), image)
 
 
-@pytest.mark.parametrize("name, min_fraction", [("counting", 0.4), ("ocr", 0.4), ("grid", 0.4), ("chart", 0.5)])
-def test_pooling_leaves_a_fraction_of_answers_ambiguous(name, min_fraction):
+def _in_framed_block(meta: dict) -> list[dict]:
+    """The objects in the framed object's block: four (the others are distractors) or the framed one alone."""
+    row, col = meta["objects"][meta["framed"]]["cell"]
+    return [o for o in meta["objects"] if (o["cell"][0] // POOL, o["cell"][1] // POOL) == (row // POOL, col // POOL)]
+
+
+def _move_frame(meta: dict) -> dict:
+    """The frame moved to the next object of its block (a block of four)."""
+    return {**meta, "framed": (meta["framed"] + 1) % (POOL * POOL)}
+
+
+@pytest.mark.parametrize("name", ["color", "counting", "ocr", "chart"])
+def test_a_linear_pooled_token_cannot_tell_which_object_is_framed(name):
+    """About half the framed objects share their block with three distractors. Moving the frame to another object of
+    that block changes the answer and the teacher's view, not the pooled view; the block's four answers differ and
+    the frame sits on each equally often, so any rule on the linear pooled view is right on at most a quarter of
+    those samples (chance: one in six). The other half keep the framed object alone in its block: its answer survives
+    the pooling, diluted four times."""
     family = FAMILIES[name]
     rng = _rng(123, name, "pooling-test")
-    n, twins = 240, 0
-    for i in range(n):
+    framed, alone = Counter(), 0
+    for i in range(480):
         meta = family.sample(rng, family.answers[i % len(family.answers)])
-        twin = family.twin(meta)
-        if twin is None:
+        block = _in_framed_block(meta)
+        if len(block) == 1:
+            alone += 1
             continue
-        twins += 1
+        assert len(block) == POOL * POOL and block == meta["objects"][: POOL * POOL]
+        twin = _move_frame(meta)
         image, other = family.render(meta), family.render(twin)
         assert family.answer(twin) != family.answer(meta) and family.answer(twin) in family.answers
         assert np.abs(pooled_view(image) - pooled_view(other)).max() <= 1.0, meta  # the student's view: the same
         assert np.abs(image.astype(int) - other.astype(int)).max() >= 50, meta  # the teacher's view: different
-    assert twins / n >= min_fraction, f"{name}: only {twins}/{n} samples are ambiguous after pooling"
+        values = [o["value"] for o in block]
+        assert len(set(values)) == POOL * POOL and family.answer(meta) == values[meta["framed"]]
+        framed[meta["framed"]] += 1
+    assert 0.4 <= alone / 480 <= 0.6, alone
+    assert set(framed) == set(range(POOL * POOL)) and min(framed.values()) >= 40, framed
 
 
-def _first_of_pair(name: str, meta: dict, twin: dict) -> tuple[str, bool]:
-    """(question kind, whether the answer is the canonically first of the two candidates a pooled view leaves)."""
+def _gated_pool(image: np.ndarray) -> np.ndarray:
+    """A non-linear per-patch feature, then 2 x 2 pooling: each 8 x 8 patch goes to one of two channel groups, the
+    "framed" group when it holds the frame's white ink and the other group otherwise."""
+    patches = image.astype(np.float32).reshape(8, 8, 8, 8, 3).transpose(0, 2, 1, 3, 4)  # (rows, cols, 8, 8, 3)
+    framed = (patches == np.asarray(FRAME_COLOR, np.float32)).all(-1).any(axis=(2, 3))  # (rows, cols)
+    gate = framed[:, :, None, None, None]
+    features = np.concatenate([patches * gate, patches * ~gate], axis=-1)  # (rows, cols, 8, 8, 6)
+    return features.reshape(4, 2, 4, 2, 8, 8, 6).mean(axis=(1, 3))  # (4, 4, 8, 8, 6)
+
+
+@pytest.mark.parametrize("name", ["color", "counting", "ocr", "chart"])
+def test_a_tower_that_gates_before_pooling_keeps_the_answer(name):
+    """What a trained tower layer can compute per patch (here: route the framed patch to channels of its own)
+    survives the pooling: the pooled token's framed channels hold the framed patch alone, as the teacher's token of
+    that patch does, so every twin is told apart."""
     family = FAMILIES[name]
-    answer, other = family.answer(meta), family.answer(twin)
-    if name == "grid":
-        kind = f"{meta['orient']}{meta['ask']}"  # left, right, top, bottom
-    elif name == "chart":
-        kind = "tallest" if meta["ask"] == "tallest" else "value"
-    else:
-        kind = name
-    return kind, answer < other
-
-
-@pytest.mark.parametrize("name", ["ocr", "grid", "chart"])
-def test_a_pooled_student_can_only_guess_on_twins(name):
-    """No rule on the pooled view beats a coin flip on twins: the generator draws each twin as often as its original,
-    so the answer is the smaller of the two candidates half the time, for every kind of question."""
-    family = FAMILIES[name]
-    rng = _rng(9, name, "coin")
-    first: dict[str, list[bool]] = {}
-    for i in range(1800):
+    rng = _rng(5, name, "gate")
+    for i in range(60):
         meta = family.sample(rng, family.answers[i % len(family.answers)])
-        twin = family.twin(meta)
-        if twin is not None:
-            kind, is_first = _first_of_pair(name, meta, twin)
-            first.setdefault(kind, []).append(is_first)
-    for kind, flags in first.items():
-        assert len(flags) > 150 and 0.4 <= np.mean(flags) <= 0.6, (kind, len(flags), np.mean(flags))
-
-
-def test_a_pooled_student_cannot_count_dots_sharing_a_block():
-    """The pooled view of a counting image shows which blocks hold ink, not how many dots share it; the best guess
-    from the number of occupied blocks is right for about half of the images (the teacher sees every dot)."""
-    family = FAMILIES["counting"]
-    rng = _rng(9, "counting", "ceiling")
-    joint = Counter()
-    for i in range(3000):
-        meta = family.sample(rng, family.answers[i % 6])
-        blocks = len({(r // 2, c // 2) for r, c, _ in meta["dots"]})
-        joint[(blocks, family.answer(meta))] += 1
-    best = sum(max(v for (k, _), v in joint.items() if k == blocks) for blocks in {k for k, _ in joint})
-    assert best / 3000 <= 0.6
+        image = family.render(meta)
+        row, col = meta["objects"][meta["framed"]]["cell"]
+        pooled = _gated_pool(image)
+        np.testing.assert_allclose(pooled[row // 2, col // 2, :, :, :3] * 4,
+                                   image[row * 8 : row * 8 + 8, col * 8 : col * 8 + 8], atol=1e-3)
+        if len(_in_framed_block(meta)) > 1:
+            assert np.abs(pooled - _gated_pool(family.render(_move_frame(meta)))).max() >= 10, meta

@@ -48,3 +48,46 @@ def test_two_processes_match_one(tmp_path):
     w2 = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun is installed with torch")
+def test_two_processes_match_one_with_unequal_samples(tmp_path):
+    # Response lengths differ and one sample has no image, so each process's own means differ from the global ones:
+    # only normalising by the counts of the whole step (summed over the processes) gives one process's losses. The
+    # data set is one global batch, so every step sees the same samples however they are split.
+    ws = build_workspace(tmp_path / "ws", num_samples=4)
+    answers = ["red", "a small yellow square on a grey background", "one two three", "the square is green"]
+    records = []
+    for i, answer in enumerate(answers):
+        question = "how many squares are there?" if i == 2 else "<image>\nwhat colour is the square?"
+        record = {"id": str(i), "conversations": [{"from": "human", "value": question},
+                                                  {"from": "gpt", "value": answer}]}
+        if i != 2:
+            record["image"] = f"{i}.png"
+        records.append(record)
+    (tmp_path / "mixed.json").write_text(json.dumps(records))
+    args = ["--set", "method=emkd", "--set", f"student={ws['student']}", "--set", f"teacher={ws['teacher']}",
+            "--set", f"data.train={tmp_path / 'mixed.json'}", "--set", f"data.images={ws['images']}",
+            "--set", "max_steps=2", "--set", "learning_rate=0.003", "--set", "lr_scheduler=constant",
+            "--set", "warmup_ratio=0"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    _run([sys.executable, "-m", "emkd", "train", *args, "--set", f"output_dir={tmp_path / 'one'}",
+          "--set", "batch_size=4"], env)
+    _run([torchrun, "--nproc_per_node", "2", "--master_port", free_port(), "-m", "emkd", "train", *args,
+          "--set", f"output_dir={tmp_path / 'two'}", "--set", "batch_size=2"], env)
+
+    def logs(name):
+        return [json.loads(line) for line in open(tmp_path / name / "log.jsonl") if '"objective"' in line]
+
+    one, two = logs("one"), logs("two")
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        for key in ("loss", "sup", "rld", "vsd", "vlad", "grad_norm"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
+    w1 = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)

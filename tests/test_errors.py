@@ -219,12 +219,16 @@ def test_sample_without_vision_tokens_adds_nothing_to_vision_terms(counts, match
     student, teacher = make_pair(samples, ds=12, dt=16, seed=9)
     rest_s, rest_t = select(student, [0, 2]), select(teacher, [0, 2])
 
-    full = emkd.EMKDLoss(matching=matching)(student, teacher)
-    rest = emkd.EMKDLoss(matching=matching)(rest_s, rest_t)
+    full = emkd.EMKDLoss(matching=matching, vision_reduction="image_samples")(student, teacher)
+    rest = emkd.EMKDLoss(matching=matching, vision_reduction="image_samples")(rest_s, rest_t)
     assert full.vsd.item() > 0 and full.vlad.item() > 0
     torch.testing.assert_close(full.vsd, rest.vsd, rtol=1e-6, atol=0)
     torch.testing.assert_close(full.vlad, rest.vlad, rtol=1e-6, atol=0)
     assert full.matches[1][0].numel() == 0 and full.matches[1][1].numel() == 0
+    # the default (SPEC §3): the sample adds nothing to the sums, but it is one of the B = 3 samples they divide by
+    full = emkd.EMKDLoss(matching=matching)(student, teacher)
+    torch.testing.assert_close(full.vsd, rest.vsd * 2 / 3, rtol=1e-6, atol=0)
+    torch.testing.assert_close(full.vlad, rest.vlad * 2 / 3, rtol=1e-6, atol=0)
 
     full = emkd.LlavaKDLoss(matching=matching)(student, teacher)
     rest = emkd.LlavaKDLoss(matching=matching)(rest_s, rest_t)
@@ -232,8 +236,14 @@ def test_sample_without_vision_tokens_adds_nothing_to_vision_terms(counts, match
     torch.testing.assert_close(full.rel, rest.rel, rtol=1e-6, atol=0)
     assert full.matches[1][0].numel() == 0
 
-    # IVA is left out on purpose: SPEC §6 says "mean over samples" for IVA (an empty sum is 0), while the
-    # implementation averages over samples with a pair; see the report that came with these tests.
+    # IVA (SPEC §6): the mean over all B samples by default, over the vision pairs with token_mean
+    weights = [torch.full((int(n),), 0.25) for n in teacher.vision_mask.sum(1)]
+    full_iva, _ = iva_loss(student, teacher, weights)
+    rest_iva, _ = iva_loss(rest_s, rest_t, [weights[0], weights[2]])
+    torch.testing.assert_close(full_iva, rest_iva * 2 / 3, rtol=1e-6, atol=0)
+    full_iva, _ = iva_loss(student, teacher, weights, normalisation="token_mean")
+    rest_iva, _ = iva_loss(rest_s, rest_t, [weights[0], weights[2]], normalisation="token_mean")
+    torch.testing.assert_close(full_iva, rest_iva, rtol=1e-6, atol=0)
 
 
 def test_batch_without_vision_tokens_gives_exact_zero_vision_terms():

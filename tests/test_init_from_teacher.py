@@ -102,7 +102,8 @@ def test_demo_teacher_fresh_llm(ws, tmp_path):
     assert init(DEMO_TEACHER, out, "--pool-size", 4, "--layers", 1, "--hidden", 64) == 0
     model, _ = assert_student_of(out, DEMO_TEACHER, 16)
     text = model.config.text_config
-    assert (text.num_hidden_layers, text.hidden_size, text.vocab_size) == (1, 64, 478)
+    teacher_vocab = json.loads((DEMO_TEACHER / "config.json").read_text())["text_config"]["vocab_size"]
+    assert (text.num_hidden_layers, text.hidden_size, text.vocab_size) == (1, 64, teacher_vocab)
     train_briefly(ws, out, DEMO_TEACHER, tmp_path / "run", "sft")
 
 

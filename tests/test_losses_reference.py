@@ -16,7 +16,7 @@ import torch
 import emkd
 from conftest import SampleSpec as S
 from conftest import make_pair, with_leaves
-from emkd.losses import iva_loss
+from emkd.losses import iva_loss, iva_total
 from reference import ref_emkd, ref_iva, ref_kd, ref_llava_kd
 
 RTOL, ATOL = 1e-5, 1e-6  # float32 implementation against a float64 reference
@@ -353,3 +353,80 @@ def test_half_precision_inputs_are_computed_in_float32(dtype, impl):
         assert getattr(out, name).dtype == torch.float32, name
         assert_close(getattr(out, name), ref[name], name)
     assert_matches(out.matches, ref["matches"])
+
+
+# ---- batch rules with a text-only sample (SPEC §3 and §6, revised) ---------------------------------------------
+# one sample has no image at all: it adds nothing to VSD, VLAD, VIS, REL and IVA, but it is one of the B samples
+TEXT_ONLY = Case(
+    (S(2, 4, 9, 3, 4, pad=1), S(3, 0, 0, 2, 5), S(1, 6, 8, 4, 2, pad=3), S(2, 3, 5, 2, 3)),
+    ds=16, dt=16, vs=37, vt=37, student_bias=True, teacher_bias=True, seed=7,
+)
+
+
+@pytest.mark.parametrize("vsd_target", ["logits", "hidden"])
+@pytest.mark.parametrize("vision_reduction", ["batch", "image_samples"])
+def test_emkd_vision_reduction_with_a_text_only_sample_matches_reference(vision_reduction, vsd_target, impl):
+    student, teacher, student64, teacher_ref = _run(TEXT_ONLY)
+    kwargs = dict(alpha=0.4, beta=0.7, gamma=3.0, temperature=1.3, vsd_target=vsd_target,
+                  vision_reduction=vision_reduction)
+
+    out = emkd.EMKDLoss(**kwargs, **impl)(student, teacher)
+    ref = ref_emkd(student64, teacher_ref, **kwargs)
+
+    for name in ("loss", "sup", "rld", "vsd", "vlad"):
+        assert_close(getattr(out, name), ref[name], name)
+    assert ref["vsd"].item() > 0 and ref["vlad"].item() > 0
+    assert_matches(out.matches, ref["matches"])
+    out.loss.backward()
+    ref["loss"].backward()
+    _compare_student_grads(student, student64)
+
+
+def test_emkd_batch_rule_divides_by_every_sample(impl):
+    """Listing 1's ``L_distill / batch_size``: with 3 of 4 samples holding an image, the batch rule's VSD and VLAD
+    are 3/4 of the mean over image samples; SUP and RLD do not depend on the rule."""
+    student, teacher = TEXT_ONLY.build()
+    by_batch = emkd.EMKDLoss(**impl)(student, teacher)
+    by_image = emkd.EMKDLoss(vision_reduction="image_samples", **impl)(student, teacher)
+    assert emkd.EMKDLoss().vision_reduction == "batch"
+    for name in ("vsd", "vlad"):
+        torch.testing.assert_close(getattr(by_batch, name), 0.75 * getattr(by_image, name), rtol=1e-6, atol=0)
+    for name in ("sup", "rld"):
+        torch.testing.assert_close(getattr(by_batch, name), getattr(by_image, name), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="vision_reduction must be one of"):
+        emkd.EMKDLoss(vision_reduction="samples")
+
+
+def test_llava_kd_with_a_text_only_sample_matches_reference(impl):
+    """SPEC §4 is unchanged: VIS is the mean over the batch's pairs, REL the mean over samples with a pair."""
+    student, teacher, student64, teacher_ref = _run(TEXT_ONLY)
+    out = emkd.LlavaKDLoss(**impl)(student, teacher)
+    ref = ref_llava_kd(student64, teacher_ref)
+    for name in ("loss", "ce", "res", "vis", "rel"):
+        assert_close(getattr(out, name), ref[name], name)
+    out.loss.backward()
+    ref["loss"].backward()
+    _compare_student_grads(student, student64)
+
+
+@pytest.mark.parametrize("normalisation", ["token_sum", "token_mean"])
+@pytest.mark.parametrize("case_name", ["text_only", "student_fewer", "student_more"])
+def test_iva_normalisations_match_reference(case_name, normalisation, impl):
+    case = TEXT_ONLY if case_name == "text_only" else CASES[case_name]
+    student, teacher, student64, teacher_ref = _run(case)
+    gen = torch.Generator().manual_seed(12)
+    weights = [torch.softmax(torch.randn(s.nt, generator=gen) * 2, 0) for s in case.samples]  # (Nt_b,) each
+    kwargs = dict(normalisation=normalisation, vocab=case.vocab)
+    iva, matches = iva_loss(student, teacher, weights, **kwargs, **impl)
+    ref, ref_matches = ref_iva(student64, teacher_ref, weights, **kwargs)
+    assert_close(iva, ref, "iva")
+    assert ref.item() > 0
+    assert_matches(matches, ref_matches)
+    iva.backward()
+    ref.backward()
+    _compare_student_grads(student, student64)
+    if normalisation == "token_sum":  # the mean over all B samples: B times it is the sum over the batch
+        total, _ = iva_total(student, teacher, weights, vocab=case.vocab, **impl)
+        torch.testing.assert_close(iva * len(case.samples), total, rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="normalisation must be one of"):
+        iva_loss(student, teacher, weights, normalisation="mean")

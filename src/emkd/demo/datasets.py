@@ -1,34 +1,37 @@
-"""The demo's data: easy-VQA ("general") and a fine-grained suite whose answers 2 x 2 token pooling can remove.
+"""The demo's data: easy-VQA ("general") and a fine-grained suite that 2 x 2 token pooling makes hard, not impossible.
 
 The demo's teacher sees a 64 x 64 image as 64 tokens of 8 x 8 px patches; its efficient student average-pools the
-8 x 8 token grid 2 x 2, so each of its 16 tokens stands for a 16 x 16 px *block* of four patches. With a linear patch
-embedding (the demo's tokens are the SigLIP embedding output: ``vision_layers=1``, ``vision_feature_layer=-2``), the
-mean of four patch tokens is the embedding of the mean of the four 8 x 8 patches (:func:`pooled_view`): a pooled
-token keeps everything inside an 8 x 8 patch but not *which* of its block's four patches a thing was in (position
-embeddings add the same mean to every block). Each fine-grained family puts its answer in that bit when its objects
-share a block, and lets them fall anywhere on the 8 px cell grid, so some samples share a block and some do not:
+8 x 8 token grid 2 x 2, so each of its 16 tokens stands for a 16 x 16 px *block* of four patches. Every fine-grained
+sample draws small objects, one per 8 px cell, on black, frames one of them with a white 1 px outline, and asks
+about the framed one. In half the samples (:data:`ALONE`) the framed object is alone in its block; in the other half
+the block's three other cells hold distractors whose answers all differ from it and from each other. Two to four
+more objects sit in other blocks.
 
-* ``grid``: a checkerboard of 8 px cells with two small squares in adjacent cells; "what color is the left (right,
-  top, bottom) square?" (6 colours). Inside one block (4/7 of samples), swapping the colours keeps the pooled view.
-* ``ocr``: a two-digit number (digits 1-4, distinct: 12 answers), dark on light, each DejaVu Sans digit inside one
-  8 px cell of a cell row, both shifted alike by up to 2 px; "what number is written?". Inside one block (4/7), "31"
-  and "13" have the same pooled view.
-* ``chart``: four labelled blue bars A-D in consecutive cell columns, heights 1-6 cells; "how tall is bar C?" (1-6)
-  or "which bar is tallest?" (A-D). Swapping the heights of two bars of one block keeps the pooled view.
-* ``counting``: 1-6 dots on black, one centred in each of their cells; the dots of a
-  block share the block's ink (a colour drawn for the block, divided by its number of dots). The pooled view shows
-  each occupied block's ink, the same whether one dot or four hold it; dots cluster (``COUNT_CLUSTER``), so 57% of
-  samples have a block with two or more, and a pooled student can at best guess the count from the number of
-  occupied blocks (Bayes ceiling ~49%, against ~100% from 64 tokens).
+* ``color``: a small shape in one of 6 colours; "what color is the shape in the frame?"
+* ``counting``: 1-6 dots of 2 x 2 px; "how many dots are in the frame?"
+* ``ocr``: a DejaVu Sans digit 1-6, 6 px tall; "what digit is in the frame?"
+* ``chart``: a bar 1-6 px tall; "how tall is the bar in the frame?"
 
-:meth:`Family.twin` returns a sample with another answer and the same pooled view, or ``None`` when the answer
-survives pooling. For grid, ocr and chart the twin is a swap that the generator draws exactly as often as the
-sample, so on these samples any pooled student, however trained, can do no better than a coin flip between two
-answers; the teacher tells them apart from one or two of its 64 tokens. The other samples keep the answer in the
-pooled tokens, but only as layout across tokens, which is where a better-trained student can gain. Easy-VQA (one
-large shape per image) survives pooling and is the control. Every fine-grained family asks one question per kind,
-in one style of drawing (data version 2): the demo's tiny teacher learns grid, chart and counting above chance
-within its training budget, and varied phrasings, inks and offsets kept it at chance.
+The teacher finds the framed token and reads it. The student's one token for the block overlays the block's objects
+and the frame. With a linear patch embedding (:func:`pooled_view`) that token is the same whichever object of a
+crowded block is framed: the answer is one of four with nothing to choose between them (a quarter at best, against
+a chance of one in six), while an object alone in its block keeps its answer, diluted four times. The suite's
+towers are *not* linear: their features come after one transformer layer (``vision_feature_layer=-1``), which can
+route the framed patch to channels of its own before the pooling (the tests do it with a hand-made feature), and
+then the answer survives in crowded blocks too. The student recovers it only by training its tower to carry it --
+what distilling from a teacher that keeps every token is meant to teach. Easy-VQA (one large shape per image)
+survives pooling and is the control.
+
+The student starts from the tower the teacher *started* from, not from the teacher's trained tower
+(:func:`emkd.demo.pipeline.init_models`), as EM-KD's student and teacher both start from the same SigLIP. What the
+testbed's design went through, measured with one seed and 400 phase-2 steps:
+
+* With the teacher's trained tower, the student did not need distillation: the teacher's tower had learned to make
+  the framed patch stand out, the pooled token was that patch, and the SFT student matched or beat the teacher.
+* Naming the object in the question instead of framing it ("what color is the circle?", four objects per block)
+  kept the tower from knowing which object matters, but the tiny teacher stayed at chance on all four families.
+* With every framed object crowded and the teacher's starting tower, SFT stayed at chance (also at 1200 steps)
+  while EM-KD reached 57-96 %: no room below. Half the samples keep the answer in the pooled token for that room.
 
 Records are LLaVA JSON: ``{"id", "image", "category", "conversations", "meta"}``, the image path relative to the
 images root; ``meta`` holds what draws the image and poses the question (``render(meta)`` redraws the saved image
@@ -57,12 +60,12 @@ SIZE = 64  # image side, px
 PATCH = 8  # teacher patch side, px
 POOL = 2  # the student pools POOL x POOL patch tokens into one
 CELLS = SIZE // PATCH  # 8 patch cells per side
-DATA_VERSION = 2  # bump when any generator changes its output; invalidates cached builds
+DATA_VERSION = 3  # bump when any generator changes its output; invalidates cached builds
 
 FAMILY_GROUPS = {
     "general": "General",
+    "color": "Fine-grained",
     "counting": "Fine-grained",
-    "grid": "Fine-grained",
     "ocr": "OCR & Chart",
     "chart": "OCR & Chart",
 }
@@ -148,8 +151,7 @@ class Family:
     """One fine-grained task: how to draw a sample for a given answer, and everything derived from its ``meta``.
 
     ``meta`` is a JSON-able dict; ``render(meta)`` is the ``(64, 64, 3)`` uint8 image, ``question(meta)`` and
-    ``answer(meta)`` the turn pair, ``caption(meta)`` the phase-1 caption, and ``twin(meta)`` another meta of the
-    same family with a different answer and the same :func:`pooled_view` (to one grey level), or ``None``.
+    ``answer(meta)`` the turn pair and ``caption(meta)`` the phase-1 caption.
     """
 
     name: str
@@ -159,31 +161,26 @@ class Family:
     question: Callable[[dict], str]
     answer: Callable[[dict], str]
     caption: Callable[[dict], str]
-    twin: Callable[[dict], dict | None]
 
 
-# counting: dots on black, one per cell; the dots of a block share the block's ink ------------------------------------
-COUNT_INKS = (  # a block's total colour; channels are multiples of 12, so ink / m is exact for m = 1..4 dots
-    (252, 0, 0),
-    (0, 252, 0),
-    (96, 144, 252),
-    (252, 252, 0),
-    (0, 252, 252),
-    (252, 0, 252),
-    (252, 144, 0),
-    (252, 252, 252),
-)
-COUNT_RADIUS = 3.0
-COUNT_CLUSTER = 0.3  # probability that a dot joins a block that already has one (pooled student's ceiling ~49%)
-COUNT_QUESTION = "how many dots are there?"
-
-
-@functools.lru_cache(maxsize=None)
-def _dot(radius: float, dx: int, dy: int) -> np.ndarray:
-    """Anti-aliased disk in an 8 x 8 cell, centred ``(dx, dy)`` px off the cell centre (4 x 4 supersampling)."""
-    s = (np.arange(PATCH * 4) + 0.5) / 4  # sub-pixel centres
-    inside = ((s[None, :] - 4 - dx) ** 2 + (s[:, None] - 4 - dy) ** 2) <= radius**2  # (32, 32)
-    return inside.reshape(PATCH, 4, PATCH, 4).mean(axis=(1, 3)).astype(np.float32)
+# Every family draws small objects in 8 px cells on black, fills the four cells of one pooled block (2 x 2 cells)
+# with objects whose answers differ, and frames one of them; the question asks about the framed one.
+PALETTE = {
+    "red": (230, 40, 40),
+    "green": (40, 200, 60),
+    "blue": (50, 90, 240),
+    "yellow": (240, 210, 30),
+    "purple": (170, 60, 210),
+    "orange": (250, 140, 20),
+}
+FRAME_COLOR = (255, 255, 255)  # no object is white: the frame is the only white ink
+INSIDE = 6  # an object fills at most the 6 x 6 px inside its cell's 1 px frame line
+CLUTTER = (2, 4)  # objects outside the framed block: between 2 and 4, in cells of other blocks
+ALONE = 0.5  # probability that the framed object is alone in its block (its answer survives pooling, diluted)
+SHAPES = ("square", "circle", "triangle", "cross")
+DOT_SLOTS = [(1 + 2 * i, 1 + 2 * j) for i in range(3) for j in range(3)]  # 2 x 2 px dots on a 3 x 3 lattice
+OCR_DIGITS = "123456"
+OCR_SIZE = 8  # DejaVu Sans digits are 6 px tall and 5 px wide at this size: one fits inside a frame
 
 
 def _block(row: int, col: int) -> tuple[int, int]:
@@ -194,245 +191,147 @@ def _block_cells(block: tuple[int, int]) -> list[tuple[int, int]]:
     return [(block[0] * POOL + i, block[1] * POOL + j) for i in range(POOL) for j in range(POOL)]
 
 
-def _counting_sample(rng: np.random.Generator, answer: str) -> dict:
-    n = int(answer)
-    taken: list[tuple[int, int]] = []
-    for _ in range(n):
-        near = [c for b in dict.fromkeys(_block(*t) for t in taken) for c in _block_cells(b) if c not in taken]
-        if near and rng.random() < COUNT_CLUSTER:
-            taken.append(near[int(rng.integers(len(near)))])
-        else:
-            free = [(r, c) for r in range(CELLS) for c in range(CELLS) if (r, c) not in taken]
-            taken.append(free[int(rng.integers(len(free)))])
-    inks = {b: _pick(rng, COUNT_INKS) for b in sorted({_block(*t) for t in taken})}
-    return {"dots": _ink_dots(sorted(taken), inks)}
+@functools.lru_cache(maxsize=None)
+def _frame() -> np.ndarray:
+    """The 1 px outline of an 8 x 8 cell."""
+    mask = np.zeros((PATCH, PATCH), np.float32)
+    mask[0, :] = mask[-1, :] = mask[:, 0] = mask[:, -1] = 1
+    return mask
 
 
-def _ink_dots(cells: list[tuple[int, int]], inks: dict[tuple[int, int], tuple[int, ...]]) -> list[list]:
-    """``[row, col, colour]`` per cell: the block's ink split evenly among the block's dots."""
-    per_block = {b: sum(_block(*c) == b for c in cells) for b in inks}
-    return [[r, c, [v // per_block[_block(r, c)] for v in inks[_block(r, c)]]] for r, c in cells]
+def _in_cell(mask: np.ndarray) -> np.ndarray:
+    """``mask`` (at most 6 x 6) centred inside an 8 x 8 cell, clear of the frame line."""
+    cell = np.zeros((PATCH, PATCH), np.float32)
+    h, w = mask.shape
+    y, x = 1 + (INSIDE - h) // 2, 1 + (INSIDE - w) // 2
+    cell[y : y + h, x : x + w] = mask
+    return cell
 
 
-def _counting_render(meta: dict) -> np.ndarray:
-    canvas = np.zeros((SIZE, SIZE, 3), np.float32)
-    mask = _dot(COUNT_RADIUS, 0, 0)
-    for row, col, color in meta["dots"]:
-        _paint(canvas, mask, row * PATCH, col * PATCH, color)
-    return _to_uint8(canvas)
+@functools.lru_cache(maxsize=None)
+def _shape(name: str) -> np.ndarray:
+    """An 8 x 8 cell mask of ``name`` inside the frame line (4 x 4 supersampled)."""
+    s = (np.arange(INSIDE * 4) + 0.5) / 4 - INSIDE / 2  # sub-pixel centres, origin at the middle
+    x, y = s[None, :], s[:, None]
+    inside = {
+        "square": (abs(x) <= 2.5) & (abs(y) <= 2.5),
+        "circle": x**2 + y**2 <= 2.9**2,
+        "triangle": (y <= 2.8) & (y >= -2.8 + 2 * abs(x)),
+        "cross": ((abs(x) <= 1) & (abs(y) <= 3)) | ((abs(y) <= 1) & (abs(x) <= 3)),
+    }[name]
+    small = np.broadcast_to(inside, (INSIDE * 4, INSIDE * 4)).reshape(INSIDE, 4, INSIDE, 4).mean(axis=(1, 3))
+    return _in_cell(small.astype(np.float32))
 
 
-def _counting_twin(meta: dict) -> dict | None:
-    """One dot fewer in the first block holding two or more, the block's ink kept; ``None`` when no block does."""
-    cells = [(r, c) for r, c, _ in meta["dots"]]
-    inks = {}
-    for r, c, color in meta["dots"]:
-        inks[_block(r, c)] = tuple(v * sum(_block(*x) == _block(r, c) for x in cells) for v in color)
-    for k, cell in enumerate(cells):
-        if sum(_block(*x) == _block(*cell) for x in cells) > 1:
-            return {**meta, "dots": _ink_dots(cells[:k] + cells[k + 1 :], inks)}
-    return None
+def _dots(n: int, slots: list[int]) -> np.ndarray:
+    mask = np.zeros((PATCH, PATCH), np.float32)
+    for k in slots[:n]:
+        y, x = DOT_SLOTS[k]
+        mask[y : y + 2, x : x + 2] = 1
+    return mask
 
+
+def _bar(height: int) -> np.ndarray:
+    mask = np.zeros((PATCH, PATCH), np.float32)
+    mask[1 + INSIDE - height : 1 + INSIDE, 2:6] = 1
+    return mask
+
+
+def _framed_sample(answers: tuple[str, ...], extra: Callable[[np.random.Generator], dict]):
+    """A sampler: the framed block's four objects take ``answer`` and three other answers; each object gets the
+    ``extra`` fields drawn for it (its colour, shape, ...); clutter objects fill cells of other blocks."""
+
+    def sample(rng: np.random.Generator, answer: str) -> dict:
+        block = tuple(int(v) for v in rng.integers(0, CELLS // POOL, size=2))
+        others = [answers[i] for i in rng.permutation(len(answers)) if answers[i] != answer][: POOL * POOL - 1]
+        target = int(rng.integers(POOL * POOL))
+        values = others[:target] + [answer] + others[target:]
+        objects = [{"cell": list(cell), "value": v, **extra(rng)} for cell, v in zip(_block_cells(block), values)]
+        if rng.random() < ALONE:
+            objects, target = [objects[target]], 0
+        free = [(r, c) for r in range(CELLS) for c in range(CELLS) if _block(r, c) != block]
+        for k in rng.permutation(len(free))[: int(rng.integers(CLUTTER[0], CLUTTER[1] + 1))]:
+            objects.append({"cell": list(free[k]), "value": _pick(rng, answers), **extra(rng)})
+        return {"objects": objects, "framed": target}
+
+    return sample
+
+
+def _framed_render(mask: Callable[[dict], np.ndarray]):
+    """A renderer: each object's 8 x 8 ``mask(object)`` in its colour, then the frame."""
+
+    def render(meta: dict) -> np.ndarray:
+        canvas = np.zeros((SIZE, SIZE, 3), np.float32)
+        for obj in meta["objects"]:
+            row, col = obj["cell"]
+            color = obj["value"] if obj["value"] in PALETTE else obj["color"]  # the color family asks the colour
+            _paint(canvas, mask(obj), row * PATCH, col * PATCH, PALETTE[color])
+        row, col = meta["objects"][meta["framed"]]["cell"]
+        _paint(canvas, _frame(), row * PATCH, col * PATCH, FRAME_COLOR)
+        return _to_uint8(canvas)
+
+    return render
+
+
+def _framed(meta: dict) -> dict:
+    return meta["objects"][meta["framed"]]
+
+
+def _any_color(rng: np.random.Generator) -> dict:
+    return {"color": _pick(rng, tuple(PALETTE))}
+
+
+def _any_shape(rng: np.random.Generator) -> dict:
+    return {"shape": _pick(rng, SHAPES)}
+
+
+def _dot_slots(rng: np.random.Generator) -> dict:
+    return {"color": _pick(rng, tuple(PALETTE)), "slots": [int(k) for k in rng.permutation(len(DOT_SLOTS))]}
+
+
+COLOR = Family(
+    name="color",
+    answers=tuple(PALETTE),
+    sample=_framed_sample(tuple(PALETTE), _any_shape),
+    render=_framed_render(lambda obj: _shape(obj["shape"])),
+    question=lambda meta: "what color is the shape in the frame?",
+    answer=lambda meta: _framed(meta)["value"],
+    caption=lambda meta: f"a {_framed(meta)['value']} {_framed(meta)['shape']} in a frame",
+)
 
 COUNTING = Family(
     name="counting",
     answers=tuple(str(n) for n in range(1, 7)),
-    sample=_counting_sample,
-    render=_counting_render,
-    question=lambda meta: COUNT_QUESTION,
-    answer=lambda meta: str(len(meta["dots"])),
-    caption=lambda meta: f"{NUMBER_WORDS[len(meta['dots'])]} dot{'s' if len(meta['dots']) > 1 else ''}",
-    twin=_counting_twin,
+    sample=_framed_sample(tuple(str(n) for n in range(1, 7)), _dot_slots),
+    render=_framed_render(lambda obj: _dots(int(obj["value"]), obj["slots"])),
+    question=lambda meta: "how many dots are in the frame?",
+    answer=lambda meta: _framed(meta)["value"],
+    caption=lambda meta: f"{NUMBER_WORDS[int(_framed(meta)['value'])]} dot"
+    + ("s" if _framed(meta)["value"] != "1" else "")
+    + " in a frame",
 )
-
-
-# ocr: a two-digit number, each digit inside one 8 px cell ----------------------------------------------------------
-OCR_DIGITS = "1234"
-OCR_SIZE = 10  # DejaVu Sans digits are 5-6 px wide and 7 px tall at this size: one digit fits one cell
-OCR_INK, OCR_PAPER = (20, 20, 20), (245, 245, 245)
-OCR_QUESTION = "what number is written?"
-
-
-def _ocr_sample(rng: np.random.Generator, answer: str) -> dict:
-    return {
-        "number": answer,
-        "column": int(rng.integers(0, CELLS - 1)),  # the first digit's cell column
-        "row": int(rng.integers(0, CELLS)),  # the digits' cell row
-        "shift": [int(rng.integers(0, 3)), int(rng.integers(0, 2))],  # (x, y) px, the same inside both cells
-    }
-
-
-def _ocr_render(meta: dict) -> np.ndarray:
-    canvas = np.empty((SIZE, SIZE, 3), np.float32)
-    canvas[:] = OCR_PAPER
-    for i, digit in enumerate(meta["number"]):
-        mask = _glyph(digit, OCR_SIZE)
-        x = (meta["column"] + i) * PATCH + meta["shift"][0]
-        y = meta["row"] * PATCH + meta["shift"][1]
-        _paint(canvas, mask, y, x, OCR_INK)
-    return _to_uint8(canvas)
-
 
 OCR = Family(
     name="ocr",
-    answers=tuple(a + b for a in OCR_DIGITS for b in OCR_DIGITS if a != b),
-    sample=_ocr_sample,
-    render=_ocr_render,
-    question=lambda meta: OCR_QUESTION,
-    answer=lambda meta: meta["number"],
-    caption=lambda meta: f"the number {meta['number']}",
-    twin=lambda meta: {**meta, "number": meta["number"][::-1]} if meta["column"] % POOL == 0 else None,
+    answers=tuple(OCR_DIGITS),
+    sample=_framed_sample(tuple(OCR_DIGITS), _any_color),
+    render=_framed_render(lambda obj: _in_cell(_glyph(obj["value"], OCR_SIZE))),
+    question=lambda meta: "what digit is in the frame?",
+    answer=lambda meta: _framed(meta)["value"],
+    caption=lambda meta: f"the digit {_framed(meta)['value']} in a frame",
 )
-
-
-# grid: two small squares in adjacent cells of a checkerboard --------------------------------------------------------
-GRID_COLORS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 200, 30),
-    "purple": (150, 60, 190),
-    "black": (20, 20, 20),
-}
-GRID_BOARD = ((215, 215, 215), (185, 185, 185))  # the two checkerboard shades
-GRID_SIDES = {"h": ("left", "right"), "v": ("top", "bottom")}
-GRID_QUESTIONS = ("what color is the {side} square?", "what is the color of the {side} square?")
-
-
-def _grid_sample(rng: np.random.Generator, answer: str) -> dict:
-    other = _pick(rng, [c for c in GRID_COLORS if c != answer])
-    ask = int(rng.integers(2))
-    size = int(rng.integers(4, 7))
-    orient = _pick(rng, ("h", "v"))
-    along, across = int(rng.integers(0, CELLS - 1)), int(rng.integers(0, CELLS))  # the pair's second cell is next
-    row, col = (across, along) if orient == "h" else (along, across)
-    return {
-        "orient": orient,
-        "cell": [row, col],  # the first (left or top) square's cell
-        "size": size,
-        "offset": [int(v) for v in rng.integers(0, PATCH - size + 1, size=2)],  # (x, y) inside both cells
-        "colors": [answer, other] if ask == 0 else [other, answer],  # left/top first
-        "ask": ask,
-        "q": int(rng.integers(len(GRID_QUESTIONS))),
-    }
-
-
-def _grid_cells(meta: dict) -> list[tuple[int, int]]:
-    """(row, column) of the first (left/top) and second square's cells."""
-    row, col = meta["cell"]
-    return [(row, col), (row, col + 1)] if meta["orient"] == "h" else [(row, col), (row + 1, col)]
-
-
-def _grid_twin(meta: dict) -> dict | None:
-    """The colours swapped, when both squares are in one block."""
-    (r1, c1), (r2, c2) = _grid_cells(meta)
-    same_block = (r1 // POOL, c1 // POOL) == (r2 // POOL, c2 // POOL)
-    return {**meta, "colors": meta["colors"][::-1]} if same_block else None
-
-
-def _grid_render(meta: dict) -> np.ndarray:
-    rows, cols = np.indices((SIZE, SIZE)) // PATCH
-    canvas = np.where(((rows + cols) % 2 == 0)[:, :, None], GRID_BOARD[0], GRID_BOARD[1]).astype(np.float32)
-    s, (ox, oy) = meta["size"], meta["offset"]
-    for (row, col), name in zip(_grid_cells(meta), meta["colors"]):
-        _paint(canvas, np.ones((s, s), np.float32), row * PATCH + oy, col * PATCH + ox, GRID_COLORS[name])
-    return _to_uint8(canvas)
-
-
-def _grid_caption(meta: dict) -> str:
-    first, second = meta["colors"]
-    relation = "left of" if meta["orient"] == "h" else "above"
-    return f"a {first} square {relation} a {second} square"
-
-
-GRID = Family(
-    name="grid",
-    answers=tuple(GRID_COLORS),
-    sample=_grid_sample,
-    render=_grid_render,
-    question=lambda meta: GRID_QUESTIONS[meta["q"]].format(side=GRID_SIDES[meta["orient"]][meta["ask"]]),
-    answer=lambda meta: meta["colors"][meta["ask"]],
-    caption=_grid_caption,
-    twin=_grid_twin,
-)
-
-
-# chart: four bars in consecutive 8 px columns, heights in whole cells ------------------------------------------------
-CHART_BARS = "ABCD"
-CHART_MAX = 6  # heights 1..6 cells of 8 px, standing on the line between cell rows 6 and 7
-CHART_BASE = (CELLS - 1) * PATCH  # y of the baseline; the labels sit in the last cell row
-CHART_COLORS = {"blue": (40, 80, 220), "red": (220, 40, 40), "green": (40, 150, 60), "black": (30, 30, 30)}
-CHART_LABEL_SIZE = 8
-CHART_WIDTH, CHART_OFFSET, CHART_COLOR = 4, 2, "blue"  # every bar: 4 px wide, 2 px into its cell
-CHART_QUESTIONS = {"value": "how tall is bar {bar}?", "tallest": "which bar is tallest?"}
-
-
-def _chart_sample(rng: np.random.Generator, answer: str) -> dict:
-    if answer in CHART_BARS:
-        ask, top = "tallest", int(rng.integers(2, CHART_MAX + 1))
-        values = [int(v) for v in rng.integers(1, top, size=4)]
-        values[CHART_BARS.index(answer)] = top
-    else:
-        ask = _pick(rng, CHART_BARS)
-        values = [int(v) for v in rng.integers(1, CHART_MAX + 1, size=4)]
-        values[CHART_BARS.index(ask)] = int(answer)
-    return {
-        "values": values,
-        "column": int(rng.integers(0, CELLS - len(CHART_BARS) + 1)),  # bar A's cell column
-        "ask": ask,
-    }
-
-
-def _chart_render(meta: dict) -> np.ndarray:
-    canvas = np.full((SIZE, SIZE, 3), 250, np.float32)
-    x0 = meta["column"] * PATCH
-    canvas[CHART_BASE, x0 : x0 + len(CHART_BARS) * PATCH] = (120, 120, 120)  # the axis, inside the label row
-    for i, (bar, value) in enumerate(zip(CHART_BARS, meta["values"])):
-        x = x0 + i * PATCH
-        canvas[CHART_BASE - value * PATCH : CHART_BASE, x + CHART_OFFSET : x + CHART_OFFSET + CHART_WIDTH] = (
-            CHART_COLORS[CHART_COLOR]
-        )
-        label = _glyph(bar, CHART_LABEL_SIZE)
-        _paint(canvas, label, SIZE - label.shape[0] - 1, x + (PATCH - label.shape[1]) // 2, (0, 0, 0))
-    return _to_uint8(canvas)
-
-
-def _chart_answer(meta: dict) -> str:
-    values = meta["values"]
-    if meta["ask"] == "tallest":
-        return CHART_BARS[values.index(max(values))]
-    return str(values[CHART_BARS.index(meta["ask"])])
-
-
-def _chart_question(meta: dict) -> str:
-    if meta["ask"] == "tallest":
-        return CHART_QUESTIONS["tallest"]
-    return CHART_QUESTIONS["value"].format(bar=meta["ask"])
-
-
-def _chart_twin(meta: dict) -> dict | None:
-    """The heights of the asked (or tallest) bar and the bar sharing its block swapped, when they differ."""
-    values = list(meta["values"])
-    bar = values.index(max(values)) if meta["ask"] == "tallest" else CHART_BARS.index(meta["ask"])
-    partner = bar + 1 if (meta["column"] + bar) % POOL == 0 else bar - 1
-    if not 0 <= partner < len(values) or values[bar] == values[partner]:
-        return None
-    values[bar], values[partner] = values[partner], values[bar]
-    return {**meta, "values": values}
-
 
 CHART = Family(
     name="chart",
-    answers=tuple(str(v) for v in range(1, CHART_MAX + 1)) + tuple(CHART_BARS),
-    sample=_chart_sample,
-    render=_chart_render,
-    question=_chart_question,
-    answer=_chart_answer,
-    caption=lambda meta: "a bar chart of " + ", ".join(map(str, meta["values"][:-1])) + f" and {meta['values'][-1]}",
-    twin=_chart_twin,
+    answers=tuple(str(h) for h in range(1, INSIDE + 1)),
+    sample=_framed_sample(tuple(str(h) for h in range(1, INSIDE + 1)), _any_color),
+    render=_framed_render(lambda obj: _bar(int(obj["value"]))),
+    question=lambda meta: "how tall is the bar in the frame?",
+    answer=lambda meta: _framed(meta)["value"],
+    caption=lambda meta: f"a bar of height {_framed(meta)['value']} in a frame",
 )
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (COUNTING, OCR, GRID, CHART)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (COLOR, COUNTING, OCR, CHART)}
 
 
 def make_family(
@@ -499,9 +398,9 @@ def make_ocr(n: int, rng: np.random.Generator, image_dir: str | os.PathLike, **k
     return make_family(OCR, n, rng, image_dir, **kwargs)
 
 
-def make_grid(n: int, rng: np.random.Generator, image_dir: str | os.PathLike, **kwargs: Any) -> list[dict]:
-    """``n`` "grid" records (:data:`GRID`); keyword arguments as :func:`make_family`."""
-    return make_family(GRID, n, rng, image_dir, **kwargs)
+def make_color(n: int, rng: np.random.Generator, image_dir: str | os.PathLike, **kwargs: Any) -> list[dict]:
+    """``n`` "color" records (:data:`COLOR`); keyword arguments as :func:`make_family`."""
+    return make_family(COLOR, n, rng, image_dir, **kwargs)
 
 
 def make_chart(n: int, rng: np.random.Generator, image_dir: str | os.PathLike, **kwargs: Any) -> list[dict]:

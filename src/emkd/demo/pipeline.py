@@ -37,7 +37,7 @@ class DemoBudget:
     easy_vqa_train: int = 4000
     easy_vqa_test: int = 300
     per_family_train: int = 2000
-    per_family_test: int = 100
+    per_family_test: int = 250
     teacher_phase1_steps: int = 300
     teacher_phase2_steps: int = 1500
     student_phase1_steps: int = 200
@@ -56,8 +56,9 @@ QUICK = DemoBudget(
 
 # The two models. Both see 64 x 64 images through the same 1-layer SigLIP tower with 8 px patches (8 x 8 = 64
 # patch tokens); the teacher keeps all of them, the student average-pools the grid to 4 x 4 = 16.
-VISION = dict(image_size=64, patch_size=8, vision_hidden=64, vision_layers=1)
+VISION = dict(image_size=64, patch_size=8, vision_hidden=64, vision_layers=1, vision_feature_layer=-1)
 TEACHER = dict(compressor="none", text_hidden=128, layers=4, heads=4, kv_heads=2)
+TEACHER_SEED = 0  # the demo's teacher (shipped in assets/teacher) is trained from this seed's initial weights
 STUDENT = dict(compressor="pool", pool_size=4, text_hidden=128, layers=2, heads=4, kv_heads=2)
 
 
@@ -109,13 +110,27 @@ def save_model(model, tokenizer, directory: Path) -> Path:
     return directory
 
 
-def init_models(tokenizer, root: Path, seed: int) -> tuple[Path, Path]:
-    """Random-initialised teacher and student; the student gets the teacher's vision tower."""
+def init_models(tokenizer, root: Path, seed: int, pool_size: int | None = None,
+                tower_seed: int | None = None) -> tuple[Path, Path]:
+    """Random-initialised teacher and student; the student gets the teacher's *initial* vision tower.
+
+    Student and teacher start from the same tower, as EM-KD's start from the same SigLIP; the teacher's tower is then
+    trained with the teacher, and the student never sees that trained tower: in its phase 2 its own tower has to
+    learn to carry the fine detail through the pooling.
+
+    ``pool_size``: side of the student's pooled token grid (``pool_size**2`` vision tokens per image, at most the
+    teacher's 8 x 8); ``None`` keeps ``STUDENT``'s. The student's other weights do not depend on it.
+    ``tower_seed``: the seed of the teacher whose initial tower the student takes (default ``seed``); the demo and
+    ``emkd reproduce`` pass :data:`TEACHER_SEED`, the seed the demo's teacher was trained from.
+    """
     from emkd.models.tiny import build_tiny_student
 
+    student_config = STUDENT if pool_size is None else {**STUDENT, "pool_size": pool_size}
     teacher = build_tiny_student(tokenizer, seed=seed, **VISION, **TEACHER)
-    student = build_tiny_student(tokenizer, seed=seed + 1, **VISION, **STUDENT)
-    student.vision_tower.load_state_dict(teacher.vision_tower.state_dict())
+    student = build_tiny_student(tokenizer, seed=seed + 1, **VISION, **student_config)
+    tower_from = teacher if tower_seed in (None, seed) else build_tiny_student(tokenizer, seed=tower_seed, **VISION,
+                                                                               **TEACHER)
+    student.vision_tower.load_state_dict(tower_from.vision_tower.state_dict())
     return save_model(teacher, tokenizer, root / "init_teacher"), save_model(student, tokenizer, root / "init_student")
 
 
@@ -184,10 +199,8 @@ def run_demo(root: str | Path = "runs/demo", quick: bool = False, seed: int = 0,
     data = prepare_data(root / "data", budget, seed)
     tokenizer = demo_tokenizer(root / "data", root / "tokenizer", use_shipped=not retrain_teacher)
 
-    teacher_dir = ensure_teacher(root, data, tokenizer, budget, seed, log, retrain=retrain_teacher)
-    _, init_student = init_models(tokenizer, root / "student", seed)
-    if teacher_dir != root / "teacher" / "phase2" / "final":  # shipped teacher: the student takes its tower
-        _copy_tower(teacher_dir, init_student, tokenizer)
+    teacher_dir = ensure_teacher(root, data, tokenizer, budget, TEACHER_SEED, log, retrain=retrain_teacher)
+    _, init_student = init_models(tokenizer, root / "student", seed, tower_seed=TEACHER_SEED)
 
     common = [f"data.images={data['images']}", f"batch_size={budget.batch_size}", f"seed={seed}"]
     p1 = run_train("demo_student_phase1.yaml", [f"student={init_student}", f"data.train={data['captions']}",
@@ -244,15 +257,6 @@ def _as_dict(result) -> dict[str, Any]:
     out = dataclasses.asdict(result)
     out.pop("predictions", None)
     return out
-
-
-def _copy_tower(teacher_dir: Path, student_dir: Path, tokenizer) -> None:
-    from emkd.models import load_student
-
-    teacher, _ = load_student(teacher_dir)
-    student, _ = load_student(student_dir)
-    student.vision_tower.load_state_dict(teacher.vision_tower.state_dict())
-    save_model(student, tokenizer, student_dir)
 
 
 def write_report(root: Path, data: dict[str, Path], teacher_dir: Path, finals: dict[str, Path],

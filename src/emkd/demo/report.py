@@ -5,6 +5,10 @@
   Hungarian matching paired it with (EM-KD Eq. 1-2).
 * :func:`plot_decoded_tokens` writes each vision token's top vocabulary word at its place on the image, for the
   teacher and the students (the EM-KD paper's Figure 2).
+* :func:`plot_accuracy_vs_ttft` draws accuracy against time to first token, one line per method over token budgets,
+  with the teacher as a reference point (``emkd reproduce``).
+* :func:`plot_match_quality` draws ``match_in_window`` (matched pairs inside the student token's pooling window) over
+  training steps per run, against the random-matching baseline.
 
 All figures use matplotlib's Agg canvas and never touch the global backend.
 """
@@ -35,9 +39,12 @@ def read_log(path: str | Path) -> list[dict[str, Any]]:
 
 
 def plot_loss_curves(runs: dict[str, str | Path], path: str | Path) -> Path:
-    """One panel per component; one line per run (``runs`` maps a name to its ``log.jsonl``)."""
+    """One panel per component; one line per run, in the same colour in every panel (``runs`` maps a name to its
+    ``log.jsonl``). The matching quality has its own figure (:func:`plot_match_quality`)."""
     logs = {name: read_log(p) for name, p in runs.items() if Path(p).is_file()}
-    keys = sorted({k for rows in logs.values() for r in rows for k in r} - {"step", "epoch", "loss", "grad_norm", "learning_rate"})
+    colors = {name: f"C{i}" for i, name in enumerate(logs)}
+    skip = {"step", "epoch", "loss", "grad_norm", "learning_rate", "match_in_window", "match_in_window_random"}
+    keys = sorted({k for rows in logs.values() for r in rows for k in r} - skip)
     keys = ["objective"] + [k for k in keys if k != "objective"]
     cols = min(3, len(keys))
     rows_n = (len(keys) + cols - 1) // cols
@@ -48,11 +55,11 @@ def plot_loss_curves(runs: dict[str, str | Path], path: str | Path) -> Path:
             pts = [(r["step"], r[key]) for r in rows if key in r]
             if pts:
                 steps, values = zip(*pts)
-                ax.plot(steps, values, label=name, lw=1.2)
+                ax.plot(steps, values, label=name, lw=1.2, color=colors[name])
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
-        if i == 0:
+        if ax.lines:
             ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, Path(path))
@@ -129,3 +136,95 @@ def vision_views(student, teacher, batch: dict) -> dict[str, Any]:
         "n_student": int(s.vision_mask[0].sum()),
         "n_teacher": int(t.vision_mask[0].sum()),
     }
+
+
+def plot_accuracy_vs_ttft(series: dict[str, list[dict[str, Any]]], panels: dict[str, str], path: str | Path,
+                          reference: dict[str, Any] | None = None) -> Path:
+    """Accuracy (%) against time to first token (ms): one panel per ``panels`` key (the value is its title).
+
+    ``series`` maps a line's name (a method) to its points in drawing order (token budgets); a point is
+    ``{"label": str, "ttft": (mean, std), KEY: (mean, std) for every panel KEY}``, the error bars being the standard
+    deviations (over seeds). ``reference`` (the teacher) is one such point, drawn as a black star labelled with its
+    ``label``. Points whose TTFT mean is ``None`` (not measured) are left out.
+    """
+    fig = Figure(figsize=(5.0 * len(panels), 4.0))
+    for i, (key, title) in enumerate(panels.items()):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for k, (name, all_points) in enumerate(series.items()):
+            pts = [p for p in all_points if p["ttft"][0] is not None]
+            if not pts:
+                continue
+            x, xerr = zip(*(p["ttft"] for p in pts))
+            y, yerr = zip(*(p[key] for p in pts))
+            ax.errorbar(x, y, xerr=xerr, yerr=yerr, marker="o", ms=5, capsize=3, lw=1.2, color=f"C{k}", label=name)
+            for p, xi, yi in zip(pts, x, y):
+                ax.annotate(p["label"], (xi, yi), textcoords="offset points", xytext=(5, 4), fontsize=7,
+                            color=f"C{k}")
+        if reference is not None and reference["ttft"][0] is not None:
+            (x, xerr), (y, yerr) = reference["ttft"], reference[key]
+            ax.errorbar([x], [y], xerr=[xerr], yerr=[yerr], marker="*", ms=12, color="black", ls="none",
+                        label=reference["label"])
+        ax.set_xlabel("time to first token (ms)")
+        ax.set_ylabel("accuracy (%)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, Path(path))
+
+
+def _logged_series(path: str | Path, key: str) -> list[tuple[int, float]]:
+    """``(step, value)`` of every record of a ``log.jsonl`` that carries ``key`` (a line cut short by a crash is
+    passed over)."""
+    points = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get(key), (int, float)) and "step" in record:
+            points.append((int(record["step"]), float(record[key])))
+    return points
+
+
+def plot_match_quality(logs: dict[str, str | Path], out: str | Path, baseline: float | None = None) -> Path:
+    """``match_in_window`` over training steps, one line per run, with the random-matching baseline dashed.
+
+    ``logs`` maps a run's name to its ``log.jsonl``; ``match_in_window`` is the fraction of matched student/teacher
+    vision tokens whose teacher token lies in the student token's pooling window (:mod:`emkd.matching.quality`).
+    ``baseline`` is the expected fraction under a uniformly random matching
+    (:func:`emkd.matching.quality.random_hit_rate`); ``None`` takes the ``match_in_window_random`` the runs logged
+    (one line per run if they differ, none if no run logged it).
+
+    Raises:
+        ValueError: no run has a ``match_in_window`` record (the message names the logs read).
+    """
+    series = {name: _logged_series(p, "match_in_window") for name, p in logs.items() if Path(p).is_file()}
+    series = {name: points for name, points in series.items() if points}
+    if not series:
+        raise ValueError(f"no 'match_in_window' record in any of {[str(p) for p in logs.values()]}")
+    fig = Figure(figsize=(6.0, 3.8))
+    ax = fig.add_subplot(1, 1, 1)
+    for k, (name, points) in enumerate(series.items()):
+        steps, values = zip(*points)
+        ax.plot(steps, values, color=f"C{k}", lw=1.4, marker="o" if len(points) < 30 else None, ms=3, label=name)
+    if baseline is not None:
+        baselines = {"random matching": (baseline, "black")}
+    else:
+        logged = {name: _logged_series(logs[name], "match_in_window_random") for name in series}
+        logged = {name: points[-1][1] for name, points in logged.items() if points}
+        if len(set(logged.values())) == 1:
+            baselines = {"random matching": (next(iter(logged.values())), "black")}
+        else:
+            colours = {name: f"C{k}" for k, name in enumerate(series)}
+            baselines = {f"random matching ({name})": (value, colours[name]) for name, value in logged.items()}
+    for label, (value, colour) in baselines.items():
+        ax.axhline(value, color=colour, ls="--", lw=1.0, label=f"{label}: {value:.3f}")
+    ax.set_ylim(0.0, 1.02)
+    ax.set_xlabel("step")
+    ax.set_ylabel("matches inside the pooling window")
+    ax.set_title("Does the matching match? (match_in_window)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, Path(out))

@@ -1,33 +1,59 @@
-"""``emkd reproduce``: the demo-scale analogue of EM-KD Table 2 (methods) and Table 3 (ablations), over seeds.
+"""``emkd reproduce``: the demo-scale analogue of EM-KD Table 2 (methods) and Table 3 (ablations) over seeds, with
+paired confidence intervals against SFT, and accuracy against time to first token over vision-token budgets.
 
-Every variant is a phase-2 run of ``recipes/demo_student_phase2.yaml`` from the phase-1 student of its seed, against
-the same teacher as ``emkd demo``; every run is evaluated on the held-out split. The tables report, per task family
-and on average, the mean ± sample standard deviation over seeds, and are written to ``docs/results.md`` with the
-exact command and the machine they came from.
+The run, top to bottom (:func:`run_reproduce`):
+
+1. the demo's data, tokenizer and teacher (:mod:`emkd.demo.pipeline`); the teacher is evaluated once; Align-TI's IVA
+   layer is the argmax of the teacher's IRS; the teacher's outputs on the training split are cached once
+   (``emkd cache-teacher``) for every method whose registry entry can read them;
+2. per seed: the 16-token student's phase 1 (``recipes/demo_student_phase1.yaml``), then every variant of Tables 2
+   and 3 as a phase-2 run (``demo_student_phase2.yaml``) from those weights with that seed, so every variant of a
+   seed starts from the same weights and sees the data in the same order; then, per other token budget, a student
+   that pools the teacher's 8 x 8 patch grid to 2 x 2 (4 tokens) or keeps it (64 tokens), with its own phase 1 and
+   an SFT and an EM-KD phase 2 from it. Every run is evaluated on the held-out split (accuracy per family, TTFT);
+3. the tables (:func:`results_markdown`) to ``docs/results.md`` and the token-budget plot to
+   ``docs/figures/token_budget.png`` (``figures/`` next to the markdown).
+
+Statistics, in points (accuracy in %): per task family, for the fine-grained average (the mean over every family
+outside easy-VQA's "General" group of :data:`emkd.demo.datasets.FAMILY_GROUPS`) and for the macro average over all
+families, the mean ± sample standard deviation over seeds; and each variant's paired difference to SFT,
+``d_s = acc(variant, seed s) - acc(SFT, seed s)``, as ``mean(d) [mean(d) ∓ t(0.975, n - 1) sd(d) / sqrt(n)]``
+(Student t on the ``n`` per-seed differences: :func:`paired_seed_difference`). The interval covers what the seed
+changes (initial weights, data order, sampling in the losses) on one fixed held-out set; not the choice of records.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import statistics
 import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
+from emkd.demo.datasets import FAMILY_GROUPS
 from emkd.demo.pipeline import (
+    QUICK,
+    STUDENT,
+    TEACHER_SEED,
+    VISION,
     DemoBudget,
     Progress,
-    _copy_tower,
     demo_tokenizer,
     ensure_teacher,
     init_models,
     prepare_data,
     run_train,
 )
+from emkd.errors import UserError
+from emkd.evaluation import EvalResult
+from emkd.training.methods import METHODS
 
 # name -> (method, loss overrides); the EM-KD paper's rows.
 TABLE2 = {
@@ -47,108 +73,625 @@ TABLE3 = {
     "VSD on hidden states (MSE)": ("emkd", {"vsd_target": "hidden"}),
     "VSD on logits (EM-KD)": ("emkd", {}),
 }
+BASELINE = "SFT"  # the Table 2 row every paired difference is taken against
+BUDGET_ROWS = ("SFT", "EM-KD")  # the Table 2 rows trained at every token budget
+MATCHING_ROWS = {"LLaVA-KD*": TABLE2["LLaVA-KD*"], **TABLE3}  # the rows whose matching quality is reported
+MATCH_KEYS = ("match_in_window", "match_in_window_random")  # read from each run's log.jsonl when logged
+FINE_GRAINED = "fine-grained"  # column: mean over the fine-grained families
+AVERAGE = "avg"  # column: macro average over every family (EvalResult.average)
+RESOLUTION_POINTS = 2.0  # the difference the testbed should resolve on the fine-grained average
+DEFAULT_SEEDS = (0, 1, 2, 3, 4)
+DEFAULT_BUDGETS = (4, 16, 64)
+PATCH_GRID = VISION["image_size"] // VISION["patch_size"]  # the teacher's patch grid side (8: 64 tokens)
+MAIN_TOKENS = STUDENT["pool_size"] ** 2  # vision tokens of the students of Tables 2 and 3
+CONFIDENCE = 0.95
+MINUS = "\N{MINUS SIGN}"
+
+NOT_SHOWN = [
+    "One tiny model family: a student and a teacher of this project's own class, a few layers wide, trained from "
+    "scratch on the demo data; the paper distills pretrained LLaVA-scale models, and effect sizes need not transfer.",
+    "A synthetic fine-grained suite: its families are drawn by `emkd.demo.datasets` so that pooling removes the "
+    "answer, and easy-VQA is rendered shapes; none of them is a benchmark of the paper.",
+    "Seed-to-seed variation only: the intervals cover initial weights, data order and sampling on one held-out set, "
+    "one teacher and one step budget; not the choice of held-out records, the teacher's training or a longer budget.",
+    "No tuning per method: every method runs with its paper's loss weights and the demo's optimiser settings.",
+    "Many comparisons at 95 % each: about one interval in twenty excludes zero when the true difference is zero.",
+    "CPU time to first token of tiny models, batch 1, one sample: fixed per-call overhead weighs more than the "
+    "number of vision tokens does at the paper's scale on a GPU.",
+]
 
 
 def _variant_key(method: str, loss: dict[str, Any]) -> str:
     return method + "".join(f"-{k}={v}" for k, v in sorted(loss.items()))
 
 
-def _fmt(values: list[float]) -> str:
-    mean = 100 * statistics.fmean(values)
-    std = 100 * statistics.stdev(values) if len(values) > 1 else 0.0
+def pool_size_for(tokens: int) -> int:
+    """Side of the pooled grid of a student with ``tokens`` vision tokens per image: 4 -> 2, 16 -> 4, 64 -> 8.
+
+    Raises:
+        UserError: ``tokens`` is not ``p * p`` for a ``p`` from 1 to the teacher's patch grid side (8).
+    """
+    side = math.isqrt(tokens) if tokens > 0 else 0
+    if side * side != tokens or not 1 <= side <= PATCH_GRID:
+        squares = ", ".join(str(p * p) for p in range(1, PATCH_GRID + 1))
+        raise UserError(f"a token budget is the teacher's {PATCH_GRID} x {PATCH_GRID} patch grid pooled to p x p "
+                         f"tokens ({squares}); got {tokens}")
+    return side
+
+
+# ---- statistics -----------------------------------------------------------------------------------------------------
+def t_quantile(q: float, dof: int) -> float:
+    """The ``q`` quantile of Student's t distribution with ``dof`` degrees of freedom (``t_quantile(0.975, 4)`` is
+    2.776)."""
+    from scipy.stats import t
+
+    if not 0 < q < 1:
+        raise ValueError(f"t_quantile: q must be in (0, 1), got {q}")
+    if dof < 1:
+        raise ValueError(f"t_quantile: dof must be at least 1, got {dof}")
+    return float(t.ppf(q, dof))
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (``n - 1``; 0 for one value)."""
+    if not values:
+        raise ValueError("mean_std: no values")
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _signed(x: float) -> str:
+    """``+1.2`` / ``−0.3`` (a minus sign, not a hyphen); ``+0.0`` for anything that rounds to zero."""
+    if round(x, 1) == 0:
+        x = 0.0
+    return f"{x:+.1f}".replace("-", MINUS)
+
+
+@dataclass(frozen=True)
+class SeedDifference:
+    """Mean over seeds of the per-seed difference ``a - b`` (points) and its two-sided confidence interval."""
+
+    mean: float
+    low: float
+    high: float
+    sd: float  # sample standard deviation of the per-seed differences (nan for one seed)
+    n: int  # seeds
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
+    def __str__(self) -> str:
+        if self.n < 2:
+            return f"{_signed(self.mean)} (1 seed: no CI)"
+        return f"{_signed(self.mean)} [{_signed(self.low)}, {_signed(self.high)}]"
+
+
+def paired_seed_difference(a: Sequence[float], b: Sequence[float], confidence: float = CONFIDENCE) -> SeedDifference:
+    """``a - b`` paired seed by seed (``a[i]`` and ``b[i]`` come from the same seed): the mean difference with the
+    Student-t interval ``mean ∓ t((1 + confidence) / 2, n - 1) * sd / sqrt(n)`` over the ``n`` per-seed differences.
+    One seed gives an infinite interval."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_seed_difference: {len(a)} values against {len(b)}; pair them seed by seed")
+    if not a:
+        raise ValueError("paired_seed_difference: no values")
+    if not 0 < confidence < 1:
+        raise ValueError(f"paired_seed_difference: confidence must be in (0, 1), got {confidence}")
+    diffs = [x - y for x, y in zip(a, b)]
+    n = len(diffs)
+    mean = statistics.fmean(diffs)
+    if n < 2:
+        return SeedDifference(mean, -math.inf, math.inf, math.nan, 1)
+    sd = statistics.stdev(diffs)
+    half = t_quantile((1 + confidence) / 2, n - 1) * sd / math.sqrt(n)
+    return SeedDifference(mean, mean - half, mean + half, sd, n)
+
+
+def seeds_for_half_width(sd: float, target: float, confidence: float = CONFIDENCE, limit: int = 1000) -> int | None:
+    """The fewest seeds ``n >= 2`` whose paired interval half-width ``t(n - 1) * sd / sqrt(n)`` is at most
+    ``target``, for per-seed differences of standard deviation ``sd``; ``None`` beyond ``limit`` seeds."""
+    for n in range(2, limit + 1):
+        if t_quantile((1 + confidence) / 2, n - 1) * sd / math.sqrt(n) <= target:
+            return n
+    return None
+
+
+def fine_grained_families(families: Iterable[str]) -> list[str]:
+    """The families outside :data:`~emkd.demo.datasets.FAMILY_GROUPS`' "General" group (easy-VQA), in order."""
+    return [f for f in families if FAMILY_GROUPS.get(f) != "General"]
+
+
+def points(result: EvalResult, families: Sequence[str]) -> dict[str, float]:
+    """Accuracy in points: each family's, ``fine-grained`` (the mean over :func:`fine_grained_families`) and ``avg``
+    (the macro average over every family of ``result``)."""
+    missing = [f for f in families if f not in result.accuracy]
+    if missing:
+        raise ValueError(f"{result.model}: no accuracy for families {missing} (has {sorted(result.accuracy)})")
+    out = {f: 100 * result.accuracy[f] for f in families}
+    fine = fine_grained_families(families)
+    out[FINE_GRAINED] = statistics.fmean(out[f] for f in fine) if fine else math.nan
+    out[AVERAGE] = 100 * result.average
+    return out
+
+
+def last_logged(path: str | Path, keys: Iterable[str]) -> dict[str, float]:
+    """The last numeric value of each of ``keys`` in a run's ``log.jsonl`` (one JSON object per logging step).
+
+    Keys never logged, and a missing file, give no entry; lines that are not JSON objects (a line cut short by a
+    crash) are skipped.
+    """
+    path = Path(path)
+    wanted = set(keys)
+    found: dict[str, float] = {}
+    if not path.is_file():
+        return found
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(record, dict):
+            continue
+        for key in wanted & record.keys():
+            value = record[key]
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                found[key] = float(value)
+    return found
+
+
+# ---- what a run measured --------------------------------------------------------------------------------------------
+@dataclass
+class Reproduction:
+    """Everything ``emkd reproduce`` measured; :func:`results_markdown` renders it."""
+
+    command: str  # the command line that reproduces the run
+    seeds: tuple[int, ...]
+    steps: int  # phase-2 steps per run
+    teacher: EvalResult
+    scores: dict[str, list[EvalResult]]  # variant key -> one result per seed (students of MAIN_TOKENS tokens)
+    budgets: dict[int, dict[str, list[EvalResult]]] = field(default_factory=dict)  # tokens -> BUDGET_ROWS -> per seed
+    matching: dict[str, list[dict[str, float]]] = field(default_factory=dict)  # variant key -> per seed MATCH_KEYS
+    timings: list[dict[str, Any]] = field(default_factory=list)  # per run: seed, run, kind, train_s, eval_s
+    wall_seconds: float = 0.0
+    machine: str = ""
+    quick: bool = False  # the --quick pipeline check: the numbers mean nothing
+    figure: Path | None = None  # the token-budget plot
+    markdown: str = ""
+
+
+# ---- markdown -------------------------------------------------------------------------------------------------------
+def _families(rep: Reproduction) -> list[str]:
+    return sorted(rep.teacher.accuracy)
+
+
+def _columns(families: list[str]) -> list[str]:
+    return [*families, FINE_GRAINED, AVERAGE]
+
+
+def _per_seed(results: list[EvalResult], families: list[str]) -> dict[str, list[float]]:
+    """Column -> one value (points) per seed."""
+    rows = [points(r, families) for r in results]
+    return {c: [row[c] for row in rows] for c in _columns(families)}
+
+
+def _mean_std_cell(values: list[float]) -> str:
+    mean, std = mean_std(values)
     return f"{mean:.1f} ± {std:.1f}"
 
 
-def _table(rows: dict[str, tuple[str, dict]], scores: dict[str, list[Any]], families: list[str]) -> list[str]:
-    header = "| variant | " + " | ".join(families) + " | avg |"
-    lines = [header, "|" + " --- |" * (len(families) + 2)]
+def accuracy_table(rows: dict[str, tuple[str, dict]], scores: dict[str, list[EvalResult]],
+                   families: list[str]) -> list[str]:
+    """Markdown rows: per variant, mean ± sample std over seeds of every family, the fine-grained average and avg."""
+    columns = _columns(families)
+    lines = ["| variant | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 1)]
     for name, (method, loss) in rows.items():
-        results = scores[_variant_key(method, loss)]
-        cells = [_fmt([r.accuracy[f] for r in results]) for f in families]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {_fmt([r.average for r in results])} |")
+        per_seed = _per_seed(scores[_variant_key(method, loss)], families)
+        lines.append(f"| {name} | " + " | ".join(_mean_std_cell(per_seed[c]) for c in columns) + " |")
     return lines
 
 
-CACHED_METHODS = ("kd", "rkl", "llava_kd", "emkd")  # read the teacher from `emkd cache-teacher`; Align-TI cannot
+def difference_table(rows: dict[str, tuple[str, dict]], scores: dict[str, list[EvalResult]],
+                     families: list[str]) -> list[str]:
+    """Markdown rows: per variant, the paired difference to SFT over seeds with its 95 % interval, per column."""
+    columns = _columns(families)
+    base = _per_seed(scores[_variant_key(*TABLE2[BASELINE])], families)
+    lines = ["| variant | " + " | ".join(columns) + " |", "|" + " --- |" * (len(columns) + 1)]
+    for name, (method, loss) in rows.items():
+        key = _variant_key(method, loss)
+        if key == _variant_key(*TABLE2[BASELINE]):
+            cells = ["(reference)"] * len(columns)
+        else:
+            per_seed = _per_seed(scores[key], families)
+            cells = [str(paired_seed_difference(per_seed[c], base[c])) for c in columns]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
 
 
-def run_reproduce(root: str | Path = "runs/reproduce", seeds: tuple[int, ...] = (0, 1, 2),
+def fine_grained_differences(scores: dict[str, list[EvalResult]], families: list[str]) -> dict[str, SeedDifference]:
+    """Every variant of Tables 2 and 3 but SFT (first name of each distinct run) -> its paired difference to SFT on
+    the fine-grained average."""
+    base_key = _variant_key(*TABLE2[BASELINE])
+    base = _per_seed(scores[base_key], families)[FINE_GRAINED]
+    out: dict[str, SeedDifference] = {}
+    seen = {base_key}
+    for name, (method, loss) in {**TABLE2, **TABLE3}.items():
+        key = _variant_key(method, loss)
+        if key not in seen:
+            seen.add(key)
+            out[name] = paired_seed_difference(_per_seed(scores[key], families)[FINE_GRAINED], base)
+    return out
+
+
+def resolution_lines(differences: dict[str, SeedDifference], target: float = RESOLUTION_POINTS) -> list[str]:
+    """Whether the paired intervals on the fine-grained average are narrow enough to resolve ``target`` points."""
+    if not differences:
+        return []
+    n = next(iter(differences.values())).n
+    if n < 2:
+        return [f"With one seed there is no interval: whether the testbed resolves a {target:g}-point difference on "
+                "the fine-grained average is not known."]
+    halves = {name: d.half_width for name, d in differences.items()}
+    narrow = [name for name, h in halves.items() if h <= target]
+    low, high, median = min(halves.values()), max(halves.values()), statistics.median(halves.values())
+    text = (f"Fine-grained average, paired {100 * CONFIDENCE:.0f} % CI half-width over {n} seeds: {low:.1f} to "
+            f"{high:.1f} points (median {median:.1f}) across the {len(halves)} variants compared with SFT. ")
+    if len(narrow) == len(halves):
+        text += (f"The testbed **resolves** a {target:g}-point difference on the fine-grained average: every "
+                 f"half-width is ≤ {target:g} points.")
+    elif not narrow:
+        text += (f"The testbed **does not resolve** a {target:g}-point difference on the fine-grained average: no "
+                 f"half-width is ≤ {target:g} points.")
+    else:
+        text += (f"The testbed resolves a {target:g}-point difference on the fine-grained average **only for "
+                 f"{len(narrow)} of {len(halves)} variants** (half-width ≤ {target:g} points: "
+                 + ", ".join(narrow) + ").")
+    if len(narrow) < len(halves):
+        widest = max(differences, key=lambda name: differences[name].sd)
+        sd = differences[widest].sd
+        needed = seeds_for_half_width(sd, target)
+        text += (f" At the largest standard deviation of the per-seed differences ({sd:.1f} points, {widest}), "
+                 + (f"{needed} seeds would bring every half-width to {target:g} points or less."
+                    if needed is not None else "no practical number of seeds would."))
+    return [text]
+
+
+def _budget_rows(rep: Reproduction, families: list[str]) -> list[str]:
+    """Markdown table of the token-budget students and the teacher."""
+    lines = [
+        "| model | vision tokens | TTFT ms | fine-grained | avg | EM-KD − SFT, fine-grained | EM-KD − SFT, avg |",
+        "|" + " --- |" * 7,
+    ]
+    teacher = points(rep.teacher, families)
+    ttft = "—" if rep.teacher.ttft_ms is None else f"{rep.teacher.ttft_ms:.2f}"
+    lines.append(f"| teacher | {_tokens(rep.teacher)} | {ttft} | {teacher[FINE_GRAINED]:.1f} | "
+                 f"{teacher[AVERAGE]:.1f} | | |")
+    for tokens, by_row in rep.budgets.items():
+        base = _per_seed(by_row[BASELINE], families)
+        for name, results in by_row.items():
+            per_seed = _per_seed(results, families)
+            times = [r.ttft_ms for r in results if r.ttft_ms is not None]
+            ttft = "—" if not times else "{:.2f} ± {:.2f}".format(*mean_std(times))
+            diffs = ["", ""] if name == BASELINE else [
+                str(paired_seed_difference(per_seed[c], base[c])) for c in (FINE_GRAINED, AVERAGE)]
+            lines.append(f"| student, {name} | {_tokens(results[0], tokens)} | {ttft} | "
+                         f"{_mean_std_cell(per_seed[FINE_GRAINED])} | {_mean_std_cell(per_seed[AVERAGE])} | "
+                         f"{diffs[0]} | {diffs[1]} |")
+    return lines
+
+
+def _tokens(result: EvalResult, expected: int | None = None) -> str:
+    measured = result.vision_tokens_per_image
+    if measured is None:
+        return "—" if expected is None else str(expected)
+    return f"{measured:g}"
+
+
+def budget_series(rep: Reproduction, families: list[str]) -> tuple[dict[str, list[dict[str, Any]]], dict[str, Any]]:
+    """The token-budget points for :func:`emkd.demo.report.plot_accuracy_vs_ttft`: per BUDGET_ROWS name, one point
+    per budget (mean and std over seeds of TTFT, fine-grained average and avg); and the teacher's point."""
+    series: dict[str, list[dict[str, Any]]] = {name: [] for name in BUDGET_ROWS}
+    for tokens, by_row in rep.budgets.items():
+        for name, results in by_row.items():
+            per_seed = _per_seed(results, families)
+            times = [r.ttft_ms for r in results if r.ttft_ms is not None]
+            series[name].append({
+                "label": f"{tokens} tok",
+                "ttft": mean_std(times) if times else (None, None),
+                FINE_GRAINED: mean_std(per_seed[FINE_GRAINED]),
+                AVERAGE: mean_std(per_seed[AVERAGE]),
+            })
+    teacher = points(rep.teacher, families)
+    reference = {"label": "teacher", "ttft": (rep.teacher.ttft_ms, 0.0),
+                 FINE_GRAINED: (teacher[FINE_GRAINED], 0.0), AVERAGE: (teacher[AVERAGE], 0.0)}
+    return series, reference
+
+
+def matching_table(rep: Reproduction) -> list[str]:
+    """Markdown rows: per matching row (LLaVA-KD* and the EM-KD ablations, one row per distinct run), mean ± std over
+    seeds of the last logged ``match_in_window`` and ``match_in_window_random``; ``—`` where no seed logged it."""
+    lines = ["| variant | match_in_window | random matching | seeds logged |", "| --- | --- | --- | --- |"]
+    seen = set()
+    for name, (method, loss) in MATCHING_ROWS.items():
+        key = _variant_key(method, loss)
+        if key in seen:
+            continue
+        seen.add(key)
+        logged = rep.matching.get(key, [])
+        cells = []
+        for k in MATCH_KEYS:
+            values = [seed[k] for seed in logged if k in seed]
+            cells.append("—" if not values else "{:.3f} ± {:.3f}".format(*mean_std(values)))
+        count = sum(MATCH_KEYS[0] in seed for seed in logged)
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} | {count} of {len(rep.seeds)} |")
+    return lines
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def _timing_text(rep: Reproduction) -> str:
+    phase1 = [t["train_s"] for t in rep.timings if t["kind"] == "phase1"]
+    phase2 = [t["train_s"] + t["eval_s"] for t in rep.timings if t["kind"] == "phase2"]
+    parts = [f"Wall time: {_duration(rep.wall_seconds)} in total"]
+    if phase2:
+        parts.append(f"{statistics.fmean(phase2):.0f} s per phase-2 run with its evaluation (mean over "
+                     f"{_count(len(phase2), 'run')}, {min(phase2):.0f} to {max(phase2):.0f} s)")
+    if phase1:
+        parts.append(f"{statistics.fmean(phase1):.0f} s per phase-1 run")
+    return "; ".join(parts) + "."
+
+
+def results_markdown(rep: Reproduction, figure: str | None = None) -> str:
+    """``docs/results.md``: command, machine and wall time; the Table 2 and 3 analogues (mean ± std, paired difference
+    to SFT with its interval); whether the testbed resolves a 2-point difference; the token-budget table and plot
+    (``figure``: its path relative to the markdown); matching quality; what the run does not show."""
+    families = _families(rep)
+    fine = fine_grained_families(families)
+    teacher = points(rep.teacher, families)
+    n = len(rep.seeds)
+    seeds = ", ".join(map(str, rep.seeds))
+    live = " and ".join(name for name, (m, _) in TABLE2.items()
+                        if METHODS[m].needs_teacher and not METHODS[m].supports_teacher_cache) or "none"
+    lines = [
+        "# Results",
+        "",
+        f"Command: `{rep.command}`. {_timing_text(rep)} Machine: {rep.machine}.",
+        "",
+        *(["`--quick` is a pipeline check: every stage ran on a tiny budget, and the students have not learned the "
+           "task, so these numbers say nothing about the methods.", ""] if rep.quick else []),
+        f"Every student is phase-2 trained for {rep.steps} steps from the phase-1 weights of its seed (the same "
+        f"weights and data order for every variant of a seed) against the same teacher, read from `emkd "
+        f"cache-teacher` by every distillation method but {live} (a cached teacher gives the live teacher's losses). "
+        f"Accuracy (%) on the held-out split ({rep.teacher.num_samples} records), seeds {seeds}. "
+        f"Fine-grained: the mean over {', '.join(fine)} (every family but "
+        f"{', '.join(f for f in families if f not in fine) or 'none'}); avg: the mean over all families.",
+        "",
+        f"Teacher ({_tokens(rep.teacher)} vision tokens): "
+        + ", ".join(f"{f} {teacher[f]:.1f}" for f in families)
+        + f", fine-grained {teacher[FINE_GRAINED]:.1f}, avg {teacher[AVERAGE]:.1f}. "
+        f"Students of Tables 2 and 3: {MAIN_TOKENS} vision tokens.",
+        "",
+    ]
+    diff_caption = (f"Paired difference to SFT (points): the mean over seeds of variant − SFT on the same seed "
+                    f"[{100 * CONFIDENCE:.0f} % CI, Student t with n − 1 = {n - 1} degrees of freedom].")
+    for title, rows in (("Table 2 analogue: distillation methods", TABLE2),
+                        ("Table 3 analogue: EM-KD ablations", TABLE3)):
+        lines += [
+            f"## {title}",
+            "",
+            f"Accuracy (%), mean ± sample std over {n} seeds.",
+            "",
+            *accuracy_table(rows, rep.scores, families),
+            "",
+            diff_caption,
+            "",
+            *difference_table(rows, rep.scores, families),
+            "",
+        ]
+    lines += ["## Resolution", "", *resolution_lines(fine_grained_differences(rep.scores, families)), ""]
+    if rep.budgets:
+        lines += [
+            "## Token budget: accuracy against time to first token",
+            "",
+            "Students that pool the teacher's "
+            f"{PATCH_GRID} x {PATCH_GRID} patch grid to "
+            + ", ".join(f"{pool_size_for(t)} x {pool_size_for(t)} ({t} tokens)" for t in rep.budgets)
+            + ", each with its own phase 1 per seed and an SFT and an EM-KD phase 2 from it. TTFT: the median of "
+            f"{_count(len(rep.teacher.ttft_samples_ms), 'prefill run')} (batch 1, "
+            f"{_count(rep.teacher.ttft_threads, 'thread')}) per model, mean ± std "
+            "over seeds; the teacher (every patch token, a larger LLM) is the reference. Last two columns: "
+            "EM-KD − SFT paired over seeds [95 % CI].",
+            "",
+            *_budget_rows(rep, families),
+            "",
+        ]
+        if figure is not None:
+            lines += ["![accuracy against time to first token](" + figure + ")", ""]
+    lines += [
+        "## Matching quality",
+        "",
+        "How often the matching pairs a student vision token with a teacher token of its own pooling window "
+        "(`emkd.matching.quality`): the last logged `match_in_window` of each run, and `match_in_window_random`, its "
+        "expected value under a uniformly random matching; mean ± std over the seeds that logged it, — where no run "
+        "did.",
+        "",
+        *matching_table(rep),
+        "",
+        "## What this does not show",
+        "",
+        *(f"- {sentence}" for sentence in NOT_SHOWN),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def machine_description() -> str:
+    """CPU model and architecture, cores, Python, torch, and the GPU if there is one."""
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return (f"{cpu + ', ' if cpu else ''}{platform.machine()}, {os.cpu_count()} CPU cores, Python "
+            f"{platform.python_version()}, torch {torch.__version__}, {gpu}")
+
+
+# ---- the run --------------------------------------------------------------------------------------------------------
+@dataclass
+class _Runner:
+    """What every run of one ``emkd reproduce`` shares: data, teacher, its cache and IRS layer, budget and steps.
+
+    Every model's TTFT is timed on one thread (``ttft_threads=1``), so that other processes on the machine's other
+    cores change it less.
+    """
+
+    root: Path
+    data: dict[str, Path]
+    tokenizer: Any
+    teacher: Path
+    cache: Path
+    irs_layer: int
+    budget: DemoBudget
+    steps: int
+    log: Progress
+    timings: list[dict[str, Any]]
+
+    def evaluate(self, model: Path) -> EvalResult:
+        from emkd.evaluation import evaluate
+
+        return evaluate(model, self.data["test"], images_dir=self.data["images"], limit=self.budget.eval_limit,
+                        ttft_runs=self.budget.ttft_runs, ttft_threads=1, batch_size=self.budget.eval_batch_size,
+                        progress=False)
+
+    def common(self, seed: int) -> list[str]:
+        return [f"data.images={self.data['images']}", f"batch_size={self.budget.batch_size}", f"seed={seed}"]
+
+    def phase1(self, seed: int, tokens: int, directory: Path) -> Path:
+        """A student with ``tokens`` vision tokens, the teacher's vision tower, caption-aligned: its final weights."""
+        _, init_student = init_models(self.tokenizer, directory, seed, pool_size=pool_size_for(tokens),
+                                      tower_seed=TEACHER_SEED)
+        start = time.perf_counter()
+        summary = run_train("demo_student_phase1.yaml", [
+            f"student={init_student}", f"data.train={self.data['captions']}", f"output_dir={directory / 'phase1'}",
+            f"max_steps={self.budget.student_phase1_steps}", *self.common(seed)], self.log)
+        seconds = time.perf_counter() - start
+        self.timings.append({"seed": seed, "run": f"phase1-{tokens}tok", "kind": "phase1", "train_s": seconds,
+                             "eval_s": 0.0})
+        self.log(f"  phase 1 ({tokens} vision tokens) seed {seed}: {seconds:.0f} s")
+        return Path(summary["final_model"])
+
+    def phase2(self, seed: int, student: Path, out: Path, method: str, loss: dict[str, Any]) -> EvalResult:
+        """Train ``method`` from ``student`` into ``out`` and evaluate it; the result is also ``out/eval.json``."""
+        cls = METHODS[method]
+        overrides = [f"method={method}", f"student={student}", f"teacher={self.teacher}",
+                     f"data.train={self.data['train']}", f"output_dir={out}", f"max_steps={self.steps}",
+                     # a recipe key of every method; those that derive a loss option from it read it
+                     # (Method.run_options: Align-TI's iva_layer), the others ignore it
+                     f"irs_layer={self.irs_layer}", *self.common(seed)]
+        if cls.needs_teacher and cls.supports_teacher_cache:
+            overrides.append(f"teacher_cache={self.cache}")
+        overrides += [f"loss.{k}={v}" for k, v in loss.items()]
+        start = time.perf_counter()
+        summary = run_train("demo_student_phase2.yaml", overrides, self.log)
+        trained = time.perf_counter()
+        result = self.evaluate(Path(summary["final_model"]))
+        done = time.perf_counter()
+        result.write_json(out / "eval.json")
+        self.timings.append({"seed": seed, "run": out.name, "kind": "phase2", "train_s": trained - start,
+                             "eval_s": done - trained})
+        self.log(f"  {out.name} seed {seed}: avg {100 * result.average:.1f} ({trained - start:.0f} s training, "
+                 f"{done - trained:.0f} s evaluation)")
+        return result
+
+
+def run_reproduce(root: str | Path = "runs/reproduce", seeds: Sequence[int] = DEFAULT_SEEDS,
                   steps: int = 250, results_md: str | Path | None = "docs/results.md",
-                  print_fn: Callable[[str], None] = print, quick: bool = False) -> dict[str, Any]:
-    """Train and evaluate every variant of Tables 2 and 3 for each seed; write the tables."""
-    from emkd.evaluation import evaluate
+                  print_fn: Callable[[str], None] = print, quick: bool = False,
+                  budgets: Sequence[int] = DEFAULT_BUDGETS) -> Reproduction:
+    """Train and evaluate every variant of Tables 2 and 3 for each seed, and SFT / EM-KD students at each token
+    budget (vision tokens per image; empty: none); write the markdown to ``results_md`` and the token-budget plot to
+    ``figures/token_budget.png`` next to it (under ``root`` when ``results_md`` is ``None``)."""
+    from emkd.demo.report import plot_accuracy_vs_ttft
 
-    started = time.time()
-    budget = DemoBudget()
+    started = time.perf_counter()
+    seeds, budgets = tuple(seeds), tuple(sorted(budgets))
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise UserError(f"seeds must be distinct and at least one, got {list(seeds)}")
+    if len(set(budgets)) != len(budgets):
+        raise UserError(f"token budgets must be distinct, got {list(budgets)}")
+    for tokens in budgets:
+        pool_size_for(tokens)  # every budget checked before any training
+    budget = QUICK if quick else DemoBudget()
     if quick:
-        from emkd.demo.pipeline import QUICK
-
-        budget = QUICK
         steps = min(steps, QUICK.student_phase2_steps)
     root = Path(root)
     log = Progress(print_fn)
     data = prepare_data(root / "data", budget, 0)
     tokenizer = demo_tokenizer(root / "data", root / "tokenizer")
-    teacher = ensure_teacher(root, data, tokenizer, budget, 0, log)
+    teacher = ensure_teacher(root, data, tokenizer, budget, TEACHER_SEED, log)
+    runner = _Runner(root, data, tokenizer, teacher, _teacher_cache(teacher, data, root, log),
+                     _irs_layer(teacher, data, log, root), budget, steps, log, [])
+    teacher_result = runner.evaluate(teacher)
+    command = ("emkd reproduce" + (" --quick" if quick else "") + f" --seeds {','.join(map(str, seeds))} --steps "
+               f"{steps} " + (f"--budgets {','.join(map(str, budgets))}" if budgets else "--no-budgets"))
+    rep = Reproduction(command, seeds, steps, teacher_result, {}, timings=runner.timings,
+                       machine=machine_description(), quick=quick)
 
     variants = {_variant_key(m, l): (m, l) for m, l in list(TABLE2.values()) + list(TABLE3.values())}
-    scores: dict[str, list[Any]] = {k: [] for k in variants}
-    irs_layer = _irs_layer(teacher, data, log, root)
-    cache = _teacher_cache(teacher, data, root, log)
-    for seed in seeds:
-        _, init_student = init_models(tokenizer, root / f"seed{seed}", seed)
-        _copy_tower(teacher, init_student, tokenizer)
-        common = [f"data.images={data['images']}", f"batch_size={budget.batch_size}", f"seed={seed}"]
-        p1 = run_train("demo_student_phase1.yaml", [f"student={init_student}", f"data.train={data['captions']}",
-                       f"output_dir={root / f'seed{seed}' / 'phase1'}", f"max_steps={budget.student_phase1_steps}",
-                       *common], log)
+    rep.scores = {k: [] for k in variants}
+    rep.matching = {k: [] for k in variants}
+    side_budgets = [t for t in budgets if t != MAIN_TOKENS]  # MAIN_TOKENS reuses the Table 2 runs
+    side_scores: dict[int, dict[str, list[EvalResult]]] = {t: {name: [] for name in BUDGET_ROWS} for t in side_budgets}
+    seeds_started = time.perf_counter()
+    for i, seed in enumerate(seeds):
+        seed_dir = root / f"seed{seed}"
+        p1 = runner.phase1(seed, MAIN_TOKENS, seed_dir)
         for key, (method, loss) in variants.items():
-            out = root / f"seed{seed}" / key
-            overrides = [f"method={method}", f"student={p1['final_model']}", f"teacher={teacher}",
-                         f"data.train={data['train']}", f"output_dir={out}", f"max_steps={steps}", *common]
-            overrides += [f"loss.{k}={v}" for k, v in loss.items()]
-            if method == "align_ti":
-                overrides.append(f"irs_layer={irs_layer}")
-            if method in CACHED_METHODS:
-                overrides.append(f"teacher_cache={cache}")
-            summary = run_train("demo_student_phase2.yaml", overrides, log)
-            result = evaluate(summary["final_model"], data["test"], images_dir=data["images"], ttft_runs=3,
-                              batch_size=budget.eval_batch_size, progress=False)
-            log(f"  {key} seed {seed}: avg {100 * result.average:.1f}")
-            scores[key].append(result)
-            (out / "eval.json").write_text(json.dumps(result.to_dict(), indent=2))
-    teacher_result = evaluate(teacher, data["test"], images_dir=data["images"], ttft_runs=3,
-                              batch_size=budget.eval_batch_size, progress=False)
-    families = sorted(teacher_result.accuracy)
-    minutes = (time.time() - started) / 60
-    command = "emkd reproduce" + (" --quick" if quick else "") + f" --seeds {','.join(map(str, seeds))} --steps {steps}"
-    lines = [
-        "# Results",
-        "",
-        f"Command: `{command}` ({minutes:.0f} minutes). Machine: {platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"Python {platform.python_version()}, torch {torch.__version__}, no GPU. Each cell: accuracy (%) on the held-out "
-        f"split, mean ± sample std over seeds {', '.join(map(str, seeds))}; every student is phase-2 trained for "
-        f"{steps} steps from the phase-1 weights of its seed against the same teacher (read from `emkd cache-teacher` "
-        "by every method but SFT and Align-TI; a cached teacher gives the live teacher's losses).",
-        "",
-        "Teacher (64 vision tokens): " + ", ".join(f"{f} {100 * teacher_result.accuracy[f]:.1f}" for f in families)
-        + f", avg {100 * teacher_result.average:.1f}. Students: 16 vision tokens.",
-        "",
-        "## Table 2 analogue: distillation methods",
-        "",
-        *_table(TABLE2, scores, families),
-        "",
-        "## Table 3 analogue: EM-KD ablations",
-        "",
-        *_table(TABLE3, scores, families),
-        "",
-    ]
+            rep.scores[key].append(runner.phase2(seed, p1, seed_dir / key, method, loss))
+            rep.matching[key].append(last_logged(seed_dir / key / "log.jsonl", MATCH_KEYS))
+        for tokens in side_budgets:
+            directory = seed_dir / f"tokens{tokens}"
+            p1_budget = runner.phase1(seed, tokens, directory)
+            for name in BUDGET_ROWS:
+                method, loss = TABLE2[name]
+                out = directory / _variant_key(method, loss)
+                side_scores[tokens][name].append(runner.phase2(seed, p1_budget, out, method, loss))
+        per_seed = (time.perf_counter() - seeds_started) / (i + 1)
+        left = len(seeds) - i - 1
+        log(f"seed {seed} done; {left} seed(s) to go" + (f", about {_duration(per_seed * left)} more" if left else ""))
+
+    for tokens in budgets:
+        if tokens == MAIN_TOKENS:
+            rep.budgets[tokens] = {name: rep.scores[_variant_key(*TABLE2[name])] for name in BUDGET_ROWS}
+        else:
+            rep.budgets[tokens] = side_scores[tokens]
+    rep.wall_seconds = time.perf_counter() - started
+    (root / "timings.json").write_text(json.dumps(rep.timings, indent=2) + "\n")
+
+    families = _families(rep)
+    md_dir = Path(results_md).parent if results_md else root
+    figure_ref = None
+    if rep.budgets:
+        series, reference = budget_series(rep, families)
+        rep.figure = plot_accuracy_vs_ttft(series, {FINE_GRAINED: "fine-grained average", AVERAGE: "average (all "
+                                           "families)"}, md_dir / "figures" / "token_budget.png", reference=reference)
+        figure_ref = Path(os.path.relpath(rep.figure, md_dir)).as_posix()
+    rep.markdown = results_markdown(rep, figure_ref)
     if results_md:
         Path(results_md).parent.mkdir(parents=True, exist_ok=True)
-        Path(results_md).write_text("\n".join(lines))
-        log(f"wrote {results_md}")
-    print_fn("\n".join(lines))
-    return {"scores": scores, "teacher": teacher_result, "markdown": "\n".join(lines)}
+        Path(results_md).write_text(rep.markdown)
+        log(f"wrote {results_md}" + (f" and {rep.figure}" if rep.figure else ""))
+    print_fn(rep.markdown)
+    return rep
 
 
 def _teacher_cache(teacher: Path, data: dict[str, Path], root: Path, log: Progress) -> Path:

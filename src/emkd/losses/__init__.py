@@ -5,6 +5,7 @@ from emkd.losses.align_ti import (
     instruction_relevance_score,
     instruction_vision_attention,
     iva_loss,
+    iva_total,
     ribbon_attention_mask,
 )
 from emkd.losses.divergence import forward_kl, jsd, reverse_kl
@@ -13,6 +14,7 @@ from emkd.losses.fused import fused_head_divergences, fused_head_gram
 from emkd.losses.head import head_divergences
 from emkd.losses.kd import KDLoss, KDOutput
 from emkd.losses.llava_kd import LlavaKDLoss, LlavaKDOutput
+from emkd.losses.normalisation import LossTerms, Term
 
 __all__ = [
     "EMKDLoss",
@@ -21,6 +23,8 @@ __all__ = [
     "KDOutput",
     "LlavaKDLoss",
     "LlavaKDOutput",
+    "LossTerms",
+    "Term",
     "additive_attention_mask",
     "forward_kl",
     "fused_head_divergences",
@@ -29,6 +33,7 @@ __all__ = [
     "instruction_relevance_score",
     "instruction_vision_attention",
     "iva_loss",
+    "iva_total",
     "jsd",
     "reverse_kl",
     "ribbon_attention_mask",

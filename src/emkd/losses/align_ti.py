@@ -5,7 +5,8 @@
 * :func:`instruction_relevance_score` scores layers (Eq. 3): ``IRS(l) = 1 - mean cos(a_l(x1), a_l(x2))`` over pairs of
   distinct calibration inputs; the layer with the highest score feeds IVA.
 * :func:`iva_loss` is Instruction-aware Vision Alignment (Eq. 4): per sample
-  ``sum_k w_k KL(p_t || p_s)`` on vision logits, weighted by the teacher's attention ``w``.
+  ``sum_k w_k KL(p_t || p_s)`` on vision logits, weighted by the teacher's attention ``w``; :func:`iva_total` is its
+  sum over the batch, before the division :data:`NORMALISATIONS` chooses.
 * :func:`ribbon_attention_mask` builds the mask and position ids that let one pass score every TPA candidate.
 """
 
@@ -26,6 +27,14 @@ from emkd.losses.llava_kd import paired_logits, resolve_matching
 from emkd.matching.pairing import pair_batch, pair_indices
 
 IVA_MATCHINGS = ("auto", "identity", "hungarian_logits", "hungarian_hidden")
+#: Align-TI's normalisation of KD, TPA and IVA (SPEC §6): ``token_sum`` (the paper: each sums over its tokens, then
+#: the mean over samples) or ``token_mean`` (each is a mean over its tokens)
+NORMALISATIONS = ("token_sum", "token_mean")
+
+
+def check_normalisation(normalisation: str) -> None:
+    if normalisation not in NORMALISATIONS:
+        raise ValueError(f"normalisation must be one of {NORMALISATIONS}, got {normalisation!r}")
 
 
 def instruction_vision_attention(
@@ -93,15 +102,36 @@ def iva_loss(
     vocab: str = "strict",
     implementation: str = "fused",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    normalisation: str = "token_sum",
 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Instruction-aware Vision Alignment (Align-TI Eq. 4) -> ``(iva, matches)``.
 
     Per sample ``IVA_b = sum_m w[t_m] * KL(p_t[t_m] || p_s[s_m])`` over vision pairs (a sum, not a mean, as in Eq. 4),
     where ``w`` (``weights[b]``, ``[Nt_b]``) weighs the teacher's vision tokens. Balanced tokens pair ``i <-> i``;
-    unbalanced ones are matched as in EM-KD and each pair takes the weight of its teacher token. ``iva`` is the mean
-    over samples with at least one pair. ``implementation``: ``fused`` (default; matching cost and KL over
-    vocabulary chunks) or ``naive`` (full ``[M, V]`` logits, the reference).
+    unbalanced ones are matched as in EM-KD and each pair takes the weight of its teacher token.
+
+    ``normalisation``: ``token_sum`` (default, the paper) gives ``iva = sum_b IVA_b / B``, the mean over all ``B``
+    samples (a sample without vision tokens adds 0 and counts); ``token_mean`` gives ``sum_b IVA_b / sum_b M_b``,
+    the mean over the batch's vision pairs of ``w * KL``. ``implementation``: ``fused`` (default; matching cost and
+    KL over vocabulary chunks) or ``naive`` (full ``[M, V]`` logits, the reference).
     """
+    check_normalisation(normalisation)
+    total, matches = iva_total(student, teacher, weights, matching, temperature, vocab, implementation, chunk_size)
+    n = student.batch_size if normalisation == "token_sum" else sum(int(s.numel()) for s, _ in matches)
+    return (total / n if n > 0 else total), matches
+
+
+def iva_total(
+    student: DistillInputs,
+    teacher: DistillInputs,
+    weights: list[torch.Tensor],
+    matching: str = "auto",
+    temperature: float = 1.0,
+    vocab: str = "strict",
+    implementation: str = "fused",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``(sum_b IVA_b, matches)``: :func:`iva_loss` before its division (an exact zero when no sample has a pair)."""
     check_implementation(implementation)
     if matching not in IVA_MATCHINGS:
         raise ValueError(f"IVA matching must be one of {IVA_MATCHINGS}, got {matching!r}")
@@ -131,8 +161,8 @@ def iva_loss(
     for (b, pairs), kl in zip(kept, kls):
         w = weights[b].detach().float().to(student.hidden.device)[pairs.idx_t]  # (M,)
         terms.append((w * kl).sum())
-    iva = torch.stack(terms).mean() if terms else zero_like_graph(student.hidden)
-    return iva, matches
+    total = torch.stack(terms).sum() if terms else zero_like_graph(student.hidden)
+    return total, matches
 
 
 def ribbon_attention_mask(

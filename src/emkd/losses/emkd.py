@@ -10,6 +10,11 @@ Manhattan distance of their vision logits, then adds two losses on the matched p
 * SUP: cross-entropy over response positions; RLD: reverse KL over response positions.
 
 ``loss = alpha * SUP + (1 - alpha) * RLD + beta * VSD + gamma * VLAD``.
+
+Reduction: SUP and RLD are means over the batch's response positions. VSD and VLAD are per-sample means (over pairs;
+VLAD over pairs and text tokens) summed over samples and divided by ``B``, the number of samples of the batch,
+text-only samples included: Listing 1's ``L_distill / batch_size`` (``vision_reduction="batch"``, the default).
+``vision_reduction="image_samples"`` divides by the number of samples with at least one matched pair instead.
 """
 
 from __future__ import annotations
@@ -23,16 +28,20 @@ from emkd.chunking import DEFAULT_CHUNK_SIZE, check_implementation
 from emkd.inputs import VOCAB_POLICIES, DistillInputs, check_pair, zero_like_graph
 from emkd.losses.divergence import reverse_kl
 from emkd.losses.head import response_and_row_divergences
-from emkd.losses.response import cross_entropy, mean_or_zero, response_logits
+from emkd.losses.normalisation import LossTerms, Term, combine, inputs_counts
+from emkd.losses.response import response_logits, sum_or_zero
 from emkd.matching.pairing import MATCHINGS, VisionPairs, pair_batch, pair_indices
 
 VSD_TARGETS = ("logits", "hidden")
+#: what VSD and VLAD are divided by: every sample of the batch (``batch``, Listing 1) or the samples with a pair
+VISION_REDUCTIONS = ("batch", "image_samples")
 
 
 @dataclass
 class EMKDOutput:
     """Every term of the EM-KD loss as a scalar tensor, plus the matches ``(idx_s, idx_t)`` of each sample
-    (empty tensors for a sample without vision tokens)."""
+    (empty tensors for a sample without vision tokens) and the terms unreduced (``terms``: sums over response
+    tokens and over samples, what the trainer normalises over an optimizer step)."""
 
     loss: torch.Tensor
     sup: torch.Tensor
@@ -40,6 +49,7 @@ class EMKDOutput:
     vsd: torch.Tensor
     vlad: torch.Tensor
     matches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    terms: LossTerms | None = None
 
     def components(self) -> dict[str, float]:
         """The scalar terms as Python floats, for logging."""
@@ -97,10 +107,14 @@ class EMKDLoss(torch.nn.Module):
             heads (:mod:`emkd.losses.fused`): no ``[N, V]`` logit matrix exists, and SUP, RLD and VSD share one
             pass over the student head. ``naive`` builds the logits as EM-KD's Listing 1 does (the reference).
         chunk_size: vocabulary rows per chunk of the fused path.
+        vision_reduction: what the sum over samples of ``VSD_b`` and ``VLAD_b`` is divided by: ``batch`` (default)
+            the number of samples ``B``, text-only samples included (Listing 1's ``L_distill / batch_size``; a
+            sample without pairs adds 0 and still counts); ``image_samples`` the number of samples with at least one
+            matched pair (a mean over those samples).
 
-    Reductions: SUP and RLD are means over all response positions of the batch; VSD and VLAD are means over samples
-    with at least one matched pair of per-sample means over pairs (VLAD: over pairs and text tokens). Each term is an
-    exact zero, never NaN, when nothing contributes to it.
+    Reductions: SUP and RLD are means over all response positions of the batch; VSD and VLAD as
+    ``vision_reduction`` says, of per-sample means over pairs (VLAD: over pairs and text tokens; a sample without
+    text tokens adds 0). Each term is an exact zero, never NaN, when nothing contributes to it.
     """
 
     def __init__(
@@ -114,9 +128,12 @@ class EMKDLoss(torch.nn.Module):
         vocab: str = "strict",
         implementation: str = "fused",
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        vision_reduction: str = "batch",
     ) -> None:
         super().__init__()
         check_implementation(implementation)
+        if vision_reduction not in VISION_REDUCTIONS:
+            raise ValueError(f"vision_reduction must be one of {VISION_REDUCTIONS}, got {vision_reduction!r}")
         if matching not in MATCHINGS:
             raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
         if vsd_target not in VSD_TARGETS:
@@ -128,12 +145,13 @@ class EMKDLoss(torch.nn.Module):
         self.alpha, self.beta, self.gamma, self.temperature = alpha, beta, gamma, temperature
         self.matching, self.vsd_target, self.vocab = matching, vsd_target, vocab
         self.implementation, self.chunk_size = implementation, chunk_size
+        self.vision_reduction = vision_reduction
 
     def extra_repr(self) -> str:
         return (
             f"alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, temperature={self.temperature}, "
             f"matching={self.matching!r}, vsd_target={self.vsd_target!r}, vocab={self.vocab!r}, "
-            f"implementation={self.implementation!r}"
+            f"implementation={self.implementation!r}, vision_reduction={self.vision_reduction!r}"
         )
 
     def forward(
@@ -151,19 +169,29 @@ class EMKDLoss(torch.nn.Module):
             text_s, text_t = student.text_tokens(b), teacher.text_tokens(b)
             if pairs is not None and text_s.shape[0] > 0:
                 vlad_inputs.append((pairs, text_s, text_t))
-        vlad = vlad_terms(*map(list, zip(*vlad_inputs))).mean() if vlad_inputs else zero_like_graph(anchor)
+        vlad = vlad_terms(*map(list, zip(*vlad_inputs))).sum() if vlad_inputs else zero_like_graph(anchor)
 
         if self.implementation == "fused":
             sup, rld, vsd = self._fused_logit_terms(student, teacher, pairs_by_sample, projector)
         else:
             zs, zt, targets = response_logits(student, teacher)  # (R, V), (R, V), (R,)
-            sup = cross_entropy(zs, targets, anchor)
-            rld = mean_or_zero(reverse_kl(zs, zt, self.temperature), anchor)
+            sup = sum_or_zero(F.cross_entropy(zs, targets, reduction="none"), anchor)
+            rld = sum_or_zero(reverse_kl(zs, zt, self.temperature), anchor)
             vsd_terms = [self._vsd(pairs, student, teacher, projector) for pairs in pairs_by_sample]
-            vsd = torch.stack(vsd_terms).mean() if vsd_terms else zero_like_graph(anchor)
+            vsd = torch.stack(vsd_terms).sum() if vsd_terms else zero_like_graph(anchor)
 
-        loss = self.alpha * sup + (1.0 - self.alpha) * rld + self.beta * vsd + self.gamma * vlad
-        return EMKDOutput(loss=loss, sup=sup, rld=rld, vsd=vsd, vlad=vlad, matches=matches)
+        per_sample = "samples" if self.vision_reduction == "batch" else "image_samples"
+        terms = LossTerms(
+            {
+                "sup": Term(self.alpha, sup, "response_tokens"),
+                "rld": Term(1.0 - self.alpha, rld, "response_tokens"),
+                "vsd": Term(self.beta, vsd, per_sample),
+                "vlad": Term(self.gamma, vlad, per_sample),
+            },
+            inputs_counts(student, teacher),
+        )
+        values = terms.values()
+        return EMKDOutput(loss=combine(terms, values), **values, matches=matches, terms=terms)
 
     def _fused_logit_terms(
         self,
@@ -172,21 +200,22 @@ class EMKDLoss(torch.nn.Module):
         pairs_by_sample: list[VisionPairs],
         projector: torch.nn.Module | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """SUP, RLD and (for logit VSD) VSD from one chunked pass over the heads: the response rows and every
-        sample's matched vision rows are stacked, CE is read on the former and reverse KL on all."""
+        """The sums of SUP and RLD over response positions and of ``VSD_b`` over samples, from one chunked pass over
+        the heads (for logit VSD): the response rows and every sample's matched vision rows are stacked, CE is read
+        on the former and reverse KL on all."""
         anchor = student.hidden
         vision = pairs_by_sample if self.vsd_target == "logits" else []
         response, vision_rows = response_and_row_divergences(
             student, teacher, [p.student_hidden for p in vision], [p.teacher_hidden for p in vision], "reverse",
             self.temperature, self.chunk_size,
         )
-        sup = mean_or_zero(response["ce"], anchor)
-        rld = mean_or_zero(response["reverse"], anchor)
+        sup = sum_or_zero(response["ce"], anchor)
+        rld = sum_or_zero(response["reverse"], anchor)
         if self.vsd_target == "hidden":
             terms = [self._vsd(pairs, student, teacher, projector) for pairs in pairs_by_sample]
         else:
             terms = [part.mean() for part in vision_rows.split([p.size for p in vision])]
-        vsd = torch.stack(terms).mean() if terms else zero_like_graph(anchor)
+        vsd = torch.stack(terms).sum() if terms else zero_like_graph(anchor)
         return sup, rld, vsd
 
     def _vsd(

@@ -14,16 +14,21 @@ import torch
 from emkd.chunking import DEFAULT_CHUNK_SIZE, check_implementation
 from emkd.inputs import VOCAB_POLICIES, DistillInputs, check_pair
 from emkd.losses.head import head_divergences
-from emkd.losses.response import mean_or_zero
+from emkd.losses.normalisation import LossTerms, Term, combine, inputs_counts
+from emkd.losses.response import sum_or_zero
 
 KD_DIVERGENCES = ("forward", "reverse", "jsd")
 
 
 @dataclass
 class KDOutput:
+    """The loss and its two terms (means over the batch's response positions), and the terms unreduced
+    (:class:`~emkd.losses.normalisation.LossTerms`, what the trainer normalises over an optimizer step)."""
+
     loss: torch.Tensor
     ce: torch.Tensor
     kd: torch.Tensor
+    terms: LossTerms | None = None
 
     def components(self) -> dict[str, float]:
         return {k: float(getattr(self, k).detach()) for k in ("loss", "ce", "kd")}
@@ -41,6 +46,9 @@ class KDLoss(torch.nn.Module):
         implementation: ``fused`` (default; CE and ``D`` in one chunked pass over the heads, no ``[R, V]`` logits) |
             ``naive`` (full logits, the reference).
         chunk_size: vocabulary rows per chunk of the fused path.
+
+    Reduction: both terms are sums over the batch's response positions divided by their number (``terms`` keeps the
+    sums, unit ``response_tokens``).
     """
 
     def __init__(
@@ -81,6 +89,12 @@ class KDLoss(torch.nn.Module):
             student, student.response_hidden(), teacher, teacher.response_hidden(), ("ce", self.divergence),
             self.temperature, student.response_targets, self.jsd_beta, self.implementation, self.chunk_size,
         )  # {kind: (R,)}
-        ce = mean_or_zero(rows["ce"], student.hidden)
-        kd = mean_or_zero(rows[self.divergence], student.hidden)
-        return KDOutput(loss=self.ce_weight * ce + self.kd_weight * kd, ce=ce, kd=kd)
+        terms = LossTerms(
+            {
+                "ce": Term(self.ce_weight, sum_or_zero(rows["ce"], student.hidden), "response_tokens"),
+                "kd": Term(self.kd_weight, sum_or_zero(rows[self.divergence], student.hidden), "response_tokens"),
+            },
+            inputs_counts(student, teacher),
+        )
+        values = terms.values()
+        return KDOutput(loss=combine(terms, values), ce=values["ce"], kd=values["kd"], terms=terms)

@@ -9,6 +9,10 @@
   is the paper's per-sample meaning.)
 
 ``loss = CE + alpha * RES + beta * VIS + gamma * REL``.
+
+Reduction (SPEC §4): CE and RES are means over the batch's response positions, VIS the mean over all vision pairs of
+the batch, REL the mean over samples with at least one pair. A text-only sample adds no pair and is not one of those
+samples.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from emkd.inputs import VOCAB_POLICIES, DistillInputs, check_pair, zero_like_gra
 from emkd.losses.divergence import forward_kl
 from emkd.losses.fused import fused_head_gram
 from emkd.losses.head import response_and_row_divergences
-from emkd.losses.response import cross_entropy, mean_or_zero, response_logits
+from emkd.losses.normalisation import LossTerms, Term, combine, inputs_counts
+from emkd.losses.response import response_logits, sum_or_zero
 from emkd.matching.pairing import MATCHINGS, VisionPairs, pair_batch, pair_indices
 
 LLAVA_KD_MATCHINGS = ("auto",) + MATCHINGS
@@ -61,12 +66,16 @@ def gram_distance(gram_s: torch.Tensor, gram_t: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class LlavaKDOutput:
+    """Every term as a scalar tensor, the matches ``(idx_s, idx_t)`` of each sample, and the terms unreduced
+    (``terms``: sums over response tokens, vision pairs and samples with a pair)."""
+
     loss: torch.Tensor
     ce: torch.Tensor
     res: torch.Tensor
     vis: torch.Tensor
     rel: torch.Tensor
     matches: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    terms: LossTerms | None = None
 
     def components(self) -> dict[str, float]:
         return {k: float(getattr(self, k).detach()) for k in ("loss", "ce", "res", "vis", "rel")}
@@ -132,35 +141,45 @@ class LlavaKDLoss(torch.nn.Module):
             ce, res, vis, rel_terms = self._fused_terms(student, teacher, pairs_by_sample)
         else:
             zs, zt, targets = response_logits(student, teacher)  # (R, V), (R, V), (R,)
-            ce = cross_entropy(zs, targets, anchor)
-            res = mean_or_zero(forward_kl(zs, zt, self.temperature), anchor)
+            ce = sum_or_zero(F.cross_entropy(zs, targets, reduction="none"), anchor)
+            res = sum_or_zero(forward_kl(zs, zt, self.temperature), anchor)
             vis_rows, rel_terms = [], []
             for pairs in pairs_by_sample:
                 vzs, vzt = paired_logits(pairs, student, teacher)  # (M, V), (M, V)
                 vis_rows.append(forward_kl(vzs, vzt, self.temperature))
                 rel_terms.append(relation_term(vzs.float(), vzt.float()))
-            vis = mean_or_zero(torch.cat(vis_rows), anchor) if vis_rows else zero_like_graph(anchor)
+            vis = sum_or_zero(torch.cat(vis_rows), anchor) if vis_rows else zero_like_graph(anchor)
 
-        rel = torch.stack(rel_terms).mean() if rel_terms else zero_like_graph(anchor)
-        loss = ce + self.alpha * res + self.beta * vis + self.gamma * rel
-        return LlavaKDOutput(loss=loss, ce=ce, res=res, vis=vis, rel=rel, matches=matches)
+        rel = torch.stack(rel_terms).sum() if rel_terms else zero_like_graph(anchor)
+        terms = LossTerms(
+            {
+                "ce": Term(1.0, ce, "response_tokens"),
+                "res": Term(self.alpha, res, "response_tokens"),
+                "vis": Term(self.beta, vis, "vision_pairs"),
+                "rel": Term(self.gamma, rel, "image_samples"),
+            },
+            inputs_counts(student, teacher),
+        )
+        values = terms.values()
+        return LlavaKDOutput(loss=combine(terms, values), **values, matches=matches, terms=terms)
 
     def _fused_terms(
         self, student: DistillInputs, teacher: DistillInputs, pairs_by_sample: list[VisionPairs]
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor]]:
-        """CE, RES and VIS from one chunked pass over the stacked response and vision-pair rows; REL per sample."""
+        """The sums of CE and RES (over response positions) and of VIS (over pairs) from one chunked pass over the
+        stacked response and vision-pair rows; REL per sample."""
         anchor = student.hidden
         response, vision_rows = response_and_row_divergences(
             student, teacher, [p.student_hidden for p in pairs_by_sample], [p.teacher_hidden for p in pairs_by_sample],
             "forward", self.temperature, self.chunk_size,
         )
-        ce = mean_or_zero(response["ce"], anchor)
-        res = mean_or_zero(response["forward"], anchor)
-        vis = mean_or_zero(vision_rows, anchor) if pairs_by_sample else zero_like_graph(anchor)
+        ce = sum_or_zero(response["ce"], anchor)
+        res = sum_or_zero(response["forward"], anchor)
+        vis = sum_or_zero(vision_rows, anchor) if pairs_by_sample else zero_like_graph(anchor)
         by_size: dict[int, list[VisionPairs]] = {}
         for pairs in pairs_by_sample:  # samples with equal pair counts share one batched Gram pass
             by_size.setdefault(pairs.size, []).append(pairs)
-        rel_terms = []  # REL is their mean: the order does not matter
+        rel_terms = []  # REL is their sum over samples: the order does not matter
         for group in by_size.values():
             gram_s = fused_head_gram(torch.stack([p.student_hidden for p in group]), student.head_weight,
                                      student.head_bias, self.chunk_size)  # (G, M, M)

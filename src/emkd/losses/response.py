@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from emkd.inputs import DistillInputs, zero_like_graph
 
@@ -19,15 +18,15 @@ def response_logits(
     return zs, zt, student.response_targets
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over ``R`` rows; an exact zero connected to ``anchor``'s graph when ``R == 0``."""
-    if targets.numel() == 0:
-        return zero_like_graph(anchor)
-    return F.cross_entropy(logits, targets)
-
-
 def mean_or_zero(values: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
     """Mean of a 1D tensor; an exact zero connected to ``anchor``'s graph when it is empty."""
     if values.numel() == 0:
         return zero_like_graph(anchor)
     return values.mean()
+
+
+def sum_or_zero(values: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+    """Sum of a 1D tensor in float32; an exact zero connected to ``anchor``'s graph when it is empty."""
+    if values.numel() == 0:
+        return zero_like_graph(anchor)
+    return values.float().sum()

@@ -5,6 +5,14 @@ from emkd.matching.cost import MATCHING_DTYPES, head_l1_cost, l1_cost
 from emkd.matching.hungarian import BACKENDS, hungarian_match, hungarian_match_batch
 from emkd.matching.l1_kernels import BACKENDS as L1_BACKENDS
 from emkd.matching.pairing import MATCHINGS, VisionPairs, pair_vision_tokens
+from emkd.matching.quality import (
+    WindowHits,
+    batch_window_hits,
+    pooling_geometry,
+    pooling_windows,
+    random_hit_rate,
+    window_hit_rate,
+)
 
 __all__ = [
     "BACKENDS",
@@ -12,10 +20,16 @@ __all__ = [
     "MATCHINGS",
     "MATCHING_DTYPES",
     "VisionPairs",
+    "WindowHits",
     "auction_assign",
+    "batch_window_hits",
     "head_l1_cost",
     "hungarian_match",
     "hungarian_match_batch",
     "l1_cost",
     "pair_vision_tokens",
+    "pooling_geometry",
+    "pooling_windows",
+    "random_hit_rate",
+    "window_hit_rate",
 ]

@@ -31,6 +31,7 @@ def tiny_student_config(
     patch_size: int = 8,
     vision_hidden: int = 32,
     vision_layers: int = 2,
+    vision_feature_layer: int = -2,
     text_hidden: int = 32,
     layers: int = 2,
     heads: int = 4,
@@ -73,6 +74,7 @@ def tiny_student_config(
         compressor=compressor,
         pool_size=pool_size,
         image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+        vision_feature_layer=vision_feature_layer,
         anyres=anyres,
         image_grid_pinpoints=image_grid_pinpoints,
     )

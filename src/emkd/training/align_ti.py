@@ -30,9 +30,10 @@ Layout choices (the SPEC is silent on them):
   are part of it). Candidates are drawn only for supervised ``y_k``; the ``d`` candidate slots of an unsupervised
   ``y_k`` hold ``pad_token_id`` so that the layout stays the uniform one of :func:`ribbon_attention_mask`. They are
   computed but never scored.
-* ``TPA`` is the mean over supervised ``k`` and over ``u`` of ``KL(p_t || p_s)`` at ``c_k^(u)``, i.e. of the two
-  models' ``P(. | x, y_<k, c_k^(u))``; ``KD`` the mean over response positions of ``KL(p_t || p_s)`` at the tokens
-  that predict supervised ``y_k`` (the last prefix token and ``y_1 .. y_{L-1}``), exactly vanilla KD's positions.
+* ``TPA`` sums ``KL(p_t || p_s)`` at ``c_k^(u)``, i.e. between the two models' ``P(. | x, y_<k, c_k^(u))``, over
+  supervised ``k`` and over ``u``; ``KD`` sums ``KL(p_t || p_s)`` over the response positions, the tokens that predict
+  supervised ``y_k`` (the last prefix token and ``y_1 .. y_{L-1}``), exactly vanilla KD's positions. The
+  ``normalisation`` of :func:`align_ti_step` divides these sums (see there).
 * Candidates never include a vision placeholder id of either model (``image_token_id``, ``video_token_id``, ...):
   a sampled image token would change the number of image tokens the models must fill.
 * With ``vocab="crop"`` candidates are sampled from the first ``min(V_s, V_t)`` logits, so both models know them.
@@ -51,10 +52,18 @@ import torch
 
 from emkd.chunking import check_implementation
 from emkd.inputs import IGNORE_INDEX, VOCAB_POLICIES, DistillInputs, check_pair
-from emkd.losses.align_ti import instruction_vision_attention, iva_loss, ribbon_attention_mask
+from emkd.losses.align_ti import (
+    IVA_MATCHINGS,
+    NORMALISATIONS,
+    check_normalisation,
+    instruction_vision_attention,
+    iva_total,
+    ribbon_attention_mask,
+)
 from emkd.losses.divergence import forward_kl
 from emkd.losses.head import response_and_row_divergences
-from emkd.losses.response import cross_entropy, mean_or_zero
+from emkd.losses.normalisation import LossTerms, Term, combine, inputs_counts
+from emkd.losses.response import sum_or_zero
 from emkd.models.base import DistillAdapter
 from emkd.models.student_side import IMAGE_KEYS as STUDENT_IMAGE_KEYS
 from emkd.models.student_side import EfficientMLLMAdapter
@@ -438,11 +447,12 @@ def tpa_losses(
     Returns:
         ``kd``: mean ``KL(p_t || p_s)`` over response positions (teacher-forced, from the augmented passes);
         ``tpa``: mean ``KL(p_t || p_s)`` over supervised ``k`` and ``u`` at ``c_k^(u)``; ``ce``: the student's
-        mean cross-entropy over response positions (augmented pass; equals a normal pass's);
-        ``student``, ``teacher``: :class:`~emkd.DistillInputs` of the augmented passes in the ORIGINAL layout
-        (the student's carries the gradient); ``candidates`` ``[R, d]``; ``sampling_logits`` ``[R, V]``, the
-        sampling pass's student logits at the response positions; ``student_batch``, ``teacher_batch``: the
-        augmented batches.
+        mean cross-entropy over response positions (augmented pass; equals a normal pass's); ``totals``: the sums
+        behind these three means (``{"ce", "kd", "tpa"}``, over ``R``, ``R`` and ``R d`` rows: what
+        :func:`align_ti_step` normalises); ``student``, ``teacher``: :class:`~emkd.DistillInputs` of the augmented
+        passes in the ORIGINAL layout (the student's carries the gradient); ``candidates`` ``[R, d]``;
+        ``sampling_logits`` ``[R, V]``, the sampling pass's student logits at the response positions;
+        ``student_batch``, ``teacher_batch``: the augmented batches.
     """
     if vocab not in VOCAB_POLICIES:
         raise ValueError(f"vocab must be one of {VOCAB_POLICIES}, got {vocab!r}")
@@ -489,22 +499,23 @@ def tpa_losses(
     c_s, c_t = c_s.reshape(-1, c_s.shape[-1]), c_t.reshape(-1, c_t.shape[-1]).to(c_s.device)  # (R d, Ds), (R d, Dt)
     if implementation == "fused":  # CE, KD and TPA in one chunked pass over the heads
         response, candidate_rows = response_and_row_divergences(student, teacher, [c_s], [c_t], "forward", temperature)
-        ce = mean_or_zero(response["ce"], h_s)
-        kd = mean_or_zero(response["forward"], h_s)
-        tpa = mean_or_zero(candidate_rows, h_s)
+        ce_rows, kd_rows = response["ce"], response["forward"]  # (R,), (R,)
     else:
         z_s = student.logits(student.response_hidden())  # (R, V)
         with torch.no_grad():
             z_t = teacher.logits(teacher.response_hidden())  # (R, V)
             zc_t = teacher.logits(c_t)  # (R d, V)
-        ce = cross_entropy(z_s, targets, h_s)
-        kd = mean_or_zero(forward_kl(z_s, z_t, temperature), h_s)
-        tpa = mean_or_zero(forward_kl(student.logits(c_s), zc_t, temperature), h_s)
+        ce_rows = torch.nn.functional.cross_entropy(z_s, targets, reduction="none")  # (R,)
+        kd_rows = forward_kl(z_s, z_t, temperature)  # (R,)
+        candidate_rows = forward_kl(student.logits(c_s), zc_t, temperature)  # (R d,)
+    totals = {"ce": sum_or_zero(ce_rows, h_s), "kd": sum_or_zero(kd_rows, h_s), "tpa": sum_or_zero(candidate_rows, h_s)}
+    R = int(targets.numel())
     return {
         "teacher_attention": None if att_t is None else _gather_attention(att_t, t_aug["index_map"]),
-        "kd": kd,
-        "tpa": tpa,
-        "ce": ce,
+        "kd": totals["kd"] / R if R else totals["kd"],
+        "tpa": totals["tpa"] / (R * num_candidates) if R else totals["tpa"],
+        "ce": totals["ce"] / R if R else totals["ce"],
+        "totals": totals,
         "student": student,
         "teacher": teacher,
         "candidates": candidates,
@@ -528,6 +539,7 @@ def align_ti_step(
     temperature: float = 1.0,
     vocab: str = "strict",
     implementation: str = "fused",
+    normalisation: str = "token_sum",
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """One Align-TI loss (Eq. 8): ``loss = CE + IVA + KD + TPA``, gradients to the student only.
 
@@ -539,15 +551,27 @@ def align_ti_step(
         num_candidates, sampling, top_p, generator, student_model, temperature, vocab, implementation: see
             :func:`tpa_losses`.
         iva_matching: pairing of unbalanced vision tokens for IVA (:func:`~emkd.losses.align_ti.iva_loss`).
+        normalisation: how KD, TPA and IVA are reduced, one rule for the three (SPEC §6; CE is always the mean
+            cross-entropy over the batch's response positions):
+
+            * ``token_sum`` (default, the paper: Eq. 2, 4, 7 and Algorithm 1 sum over tokens): per sample, KD sums
+              over its response positions, TPA over its response positions and their ``d`` candidates, IVA over its
+              vision tokens; each is then the mean over the ``B`` samples of the batch (a sample that has no such
+              token adds 0 and still counts);
+            * ``token_mean``: KD is the mean over the batch's response positions, TPA the mean over its ``R d``
+              candidates, IVA the mean over its vision pairs of ``w_k KL_k``.
 
     Everything is read from the augmented passes at the ground-truth tokens, IVA's weights ``a_{l*}(x)`` from the
     teacher's (eager attention for that call); see the module docstring. A
-    sample without instruction tokens (e.g. the ``plain`` template) gets zero IVA weights: it adds 0 to the IVA mean.
+    sample without instruction tokens (e.g. the ``plain`` template) gets zero IVA weights: it adds 0 to IVA.
 
     Returns:
         ``(loss, components)`` with scalar tensors ``ce``, ``iva``, ``kd``, ``tpa`` (attached to the graph),
-        ``matches`` (IVA's vision pairs per sample) and ``candidates`` ``[R, d]``.
+        ``matches`` (IVA's vision pairs per sample), ``candidates`` ``[R, d]`` and ``terms``
+        (:class:`~emkd.losses.normalisation.LossTerms`, the four sums and what each is divided by: what the trainer
+        normalises over an optimizer step).
     """
+    check_normalisation(normalisation)
     t_side = batch["teacher"]
     if t_side.get("instruction_mask") is None:
         raise ValueError("align_ti_step needs batch['teacher']['instruction_mask'] (IVA's instruction tokens)")
@@ -559,25 +583,67 @@ def align_ti_step(
     weights = instruction_vision_attention(parts["teacher_attention"], teacher.vision_mask, teacher.instruction_mask)
     n_t = teacher.vision_mask.sum(1)
     weights = [w if w.numel() else torch.zeros(int(n_t[b]), device=w.device) for b, w in enumerate(weights)]
-    iva, matches = iva_loss(parts["student"], teacher, weights, iva_matching, temperature, vocab, implementation)
-    loss = parts["ce"] + iva + parts["kd"] + parts["tpa"]
+    iva_sum, matches = iva_total(parts["student"], teacher, weights, iva_matching, temperature, vocab, implementation)
+    totals = parts["totals"]
+    if normalisation == "token_sum":
+        kd = Term(1.0, totals["kd"], "samples")
+        tpa = Term(1.0, totals["tpa"], "samples")
+        iva = Term(1.0, iva_sum, "samples")
+    else:  # a mean over the R d candidates is the mean over the R positions of each one's mean over its d
+        kd = Term(1.0, totals["kd"], "response_tokens")
+        tpa = Term(1.0, totals["tpa"] / num_candidates, "response_tokens")
+        iva = Term(1.0, iva_sum, "vision_pairs")
+    terms = LossTerms(
+        {"ce": Term(1.0, totals["ce"], "response_tokens"), "iva": iva, "kd": kd, "tpa": tpa},
+        inputs_counts(parts["student"], teacher),
+    )
+    values = terms.values()
     components = {
-        "ce": parts["ce"],
-        "iva": iva,
-        "kd": parts["kd"],
-        "tpa": parts["tpa"],
+        **values,
         "matches": matches,
         "candidates": parts["candidates"],
+        "terms": terms,
     }
-    return loss, components
+    return combine(terms, values), components
+
+
+def check_options(
+    num_candidates: int = 4,
+    sampling: str = "nucleus",
+    top_p: float = 0.9,
+    iva_matching: str = "auto",
+    temperature: float = 1.0,
+    vocab: str = "strict",
+    implementation: str = "fused",
+    normalisation: str = "token_sum",
+    **_: Any,
+) -> None:
+    """Check the values of :func:`align_ti_step`'s options without running it (the recipe's ``loss:`` mapping is
+    checked when it loads); ``ValueError`` names the option."""
+    if num_candidates < 1:
+        raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+    if sampling not in SAMPLINGS:
+        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
+    if not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    if iva_matching not in IVA_MATCHINGS:
+        raise ValueError(f"iva_matching must be one of {IVA_MATCHINGS}, got {iva_matching!r}")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if vocab not in VOCAB_POLICIES:
+        raise ValueError(f"vocab must be one of {VOCAB_POLICIES}, got {vocab!r}")
+    check_implementation(implementation)
+    check_normalisation(normalisation)
 
 
 __all__ = [
     "MROPE_MODEL_TYPES",
+    "NORMALISATIONS",
     "SAMPLINGS",
     "align_ti_step",
     "augmented_hidden",
     "build_tpa_batch",
+    "check_options",
     "check_tpa_support",
     "response_layout",
     "sample_candidates",

@@ -21,6 +21,7 @@ from emkd.errors import UserError
 from emkd.models.compose import DTYPES
 from emkd.training.methods import METHODS, check_loss_options  # the losses, not the models
 from emkd.training.options import type_fields
+from emkd.training.stages import PROJECTOR_ONLY, trained_parts
 
 STAGES = ("align", "instruct", "dpt", "sft", "dft")
 
@@ -95,7 +96,16 @@ class TrainConfig:
     num_epochs: float = _help("epochs when max_steps is -1", default=1.0)
     batch_size: int = _help("samples per device per micro-batch", default=4)
     grad_accum: int = _help("micro-batches per optimizer step", default=1)
-    learning_rate: float = _help("peak learning rate", default=2e-5)
+    learning_rate: float = _help("peak learning rate (of the language model; of every part without its own)",
+                                 default=2e-5)
+    vision_tower_lr: float | None = _help(
+        "peak learning rate of the vision tower (None: learning_rate), under the same schedule; only when the tower "
+        "trains (train_vision_tower: true, stage 'instruct'/'sft'/'dft')",
+        default=None,
+    )
+    projector_lr: float | None = _help(
+        "peak learning rate of the projector (None: learning_rate), under the same schedule", default=None
+    )
     weight_decay: float = _help("AdamW weight decay", default=0.0)
     warmup_ratio: float = _help("fraction of steps with linear warm-up", default=0.03)
     lr_scheduler: str = _help("transformers scheduler name", default="cosine")
@@ -161,6 +171,8 @@ _RANGES = [
     ("max_steps", lambda v: v == -1 or v >= 1, "-1 (run num_epochs) or >= 1"),
     ("num_epochs", lambda v: 0 < v < float("inf"), "a positive number"),
     ("learning_rate", lambda v: 0 < v < float("inf"), "a positive number"),
+    ("vision_tower_lr", lambda v: v is None or 0 < v < float("inf"), "a positive number or null (learning_rate)"),
+    ("projector_lr", lambda v: v is None or 0 < v < float("inf"), "a positive number or null (learning_rate)"),
     ("weight_decay", lambda v: 0 <= v < float("inf"), ">= 0"),
     ("warmup_ratio", lambda v: 0 <= v < 1, "in [0, 1)"),
     ("max_grad_norm", lambda v: 0 <= v < float("inf"), ">= 0 (0: no clipping)"),
@@ -177,6 +189,12 @@ def _check_ranges(config: TrainConfig) -> None:
         value = getattr(config, key)
         if not ok(value):
             raise ValueError(f"{key} must be {expected}, got {value!r}")
+    tower_trains = trained_parts(config.stage, config.train_vision_tower)["vision_tower"]
+    if config.vision_tower_lr is not None and not tower_trains:
+        why = (f"stage {config.stage!r} trains the projector only" if config.stage in PROJECTOR_ONLY
+               else "train_vision_tower is false")
+        raise ValueError(f"vision_tower_lr={config.vision_tower_lr:g} is set but the vision tower is frozen ({why}): "
+                         "set train_vision_tower=true or unset vision_tower_lr")
     if config.on_nonfinite not in ("stop", "skip"):
         raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {config.on_nonfinite!r}")
     from transformers import SchedulerType

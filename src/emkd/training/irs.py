@@ -9,8 +9,10 @@ is switched to it for the recording and switched back afterwards.
 
 Pairs. ``IRS(l) = 1 - mean cos(a_l(x1), a_l(x2))`` needs vectors of equal length, so only samples with the same
 number of vision tokens ``Nv`` are paired (with AnyRes teachers ``Nv`` depends on the image's aspect ratio). Among
-all such pairs of distinct samples, ``num_pairs`` are drawn uniformly with ``seed`` (all of them when there are no
-more): each ``Nv`` group gets the share of the draw that falls in it, its pairs are scored by
+all such pairs of distinct samples, ``num_pairs`` (default 1,024: Align-TI App. B.5 estimates the IRS over "1K input
+pairs") are drawn uniformly without replacement with ``seed``; when there are no more than that, every pair is used
+and the result says how many (``N`` samples of one ``Nv`` give ``N (N - 1) / 2`` pairs: 1,024 takes at least 46
+samples of one ``Nv``). Each ``Nv`` group gets the share of the draw that falls in it, its pairs are scored by
 :func:`~emkd.losses.align_ti.instruction_relevance_score`, and the groups' scores are averaged weighted by their
 number of pairs. The result is the mean over a uniform sample of equal-``Nv`` pairs. Samples without instruction
 tokens (the ``plain`` template), without vision tokens, or whose instruction tokens all precede the image (causal
@@ -24,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +39,8 @@ from emkd.models.base import DistillAdapter
 
 IRS_JSON = "irs.json"
 IRS_PNG = "irs.png"
+# Align-TI App. B.5: "We estimate this expectation by constructing a set of 1K input pairs"
+DEFAULT_NUM_PAIRS = 1024
 
 
 @contextmanager
@@ -101,7 +106,7 @@ def _instruction_follows_vision(vision: torch.Tensor, instruction: torch.Tensor)
 def compute_irs(
     teacher: DistillAdapter,
     batches: Iterable[dict[str, torch.Tensor]],
-    num_pairs: int = 256,
+    num_pairs: int = DEFAULT_NUM_PAIRS,
     seed: int = 0,
     max_samples: int | None = None,
 ) -> dict[str, Any]:
@@ -111,7 +116,8 @@ def compute_irs(
         teacher: the teacher's adapter (its ``side.image_token_id`` marks the vision tokens).
         batches: teacher sides of collated batches (``input_ids``, ``attention_mask``, ``labels``,
             ``instruction_mask``, image inputs), e.g. ``(b["teacher"] for b in loader)``.
-        num_pairs: pairs of distinct samples with equal ``Nv`` to average over (module docstring).
+        num_pairs: pairs of distinct samples with equal ``Nv`` to average over, drawn with ``seed``; all of them
+            when there are no more (module docstring).
         seed: seeds the draw of pairs.
         max_samples: stop after this many samples (``None``: all).
 
@@ -233,7 +239,13 @@ def add_irs_arguments(parser: argparse.ArgumentParser) -> None:
                         "file's directory)")
     parser.add_argument("--out", default="runs/irs", help="where irs.json and irs.png are written")
     parser.add_argument("--max-samples", type=int, default=None, help="use at most this many samples")
-    parser.add_argument("--num-pairs", type=int, default=256, help="pairs of samples averaged over (Align-TI: 256)")
+    parser.add_argument(
+        "--num-pairs", type=int, default=DEFAULT_NUM_PAIRS,
+        help="pairs of distinct samples with the same number of vision tokens averaged over (default %(default)s: "
+        "Align-TI's \"1K input pairs\", App. B.5), drawn with --seed; when the samples give no more pairs than "
+        "this (N samples of one vision-token count give N(N-1)/2), all of them are used and irs.json records how "
+        "many: 1,024 needs at least 46 usable samples",
+    )
     parser.add_argument("--template", choices=("chat", "plain"), default="chat",
                         help="rendering template ('plain' has no instruction tokens, so IRS needs 'chat')")
     parser.add_argument("--max-length", type=int, default=2048, help="longest rendered sample")
@@ -264,6 +276,10 @@ def run_irs(args: argparse.Namespace) -> int:
     result = compute_irs(teacher, batches(), num_pairs=args.num_pairs, seed=args.seed, max_samples=count)
     json_path, png_path = write_irs(result, args.out)
     print(irs_summary(result) + f"; wrote {json_path} and {png_path}")
+    if result["num_pairs"] < args.num_pairs:
+        print(f"emkd irs: note: the samples give {result['num_pairs']} pairs with equal vision-token counts, fewer "
+              f"than --num-pairs {args.num_pairs}: all of them were used (more samples give more pairs)",
+              file=sys.stderr)
     return 0
 
 

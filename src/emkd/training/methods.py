@@ -19,6 +19,12 @@ A method's loss options (the recipe's ``loss:`` mapping) are the keyword paramet
 (:meth:`Method.loss_callable`: the loss class, or Align-TI's step function). :func:`check_loss_options` checks their
 names and types against that signature, and the values by building the method, when the recipe loads, before any model.
 
+Normalisation: a method's :class:`StepOutput` carries its loss's terms unreduced (``terms``, each a sum and the
+unit it is divided by, :mod:`emkd.losses.normalisation`); :meth:`Method.count_units` counts those units in a collated
+batch before any model runs. The trainer sums the counts over the micro-batches of an optimizer step and over the
+processes (:class:`StepCounts`) and divides each term by them (:meth:`StepOutput.step_share`), so that one step's
+gradient is that of one batch of all its samples, whatever the accumulation and the number of processes.
+
 A method is known only here: the recipe, the run and the trainer read its class attributes
 (:attr:`Method.needs_teacher`, ``supports_teacher_cache``, ``supports_sharding``, :meth:`Method.run_options`), never
 its name. Adding one is its loss
@@ -32,15 +38,17 @@ import inspect
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from emkd.inputs import IGNORE_INDEX
 from emkd.losses import EMKDLoss, KDLoss, LlavaKDLoss
 from emkd.losses.head import head_divergences
-from emkd.losses.response import mean_or_zero
+from emkd.losses.normalisation import LossTerms, Term, combine, count_units, inputs_counts
+from emkd.losses.response import sum_or_zero
 from emkd.models.base import DistillAdapter
 from emkd.training.options import typed_value
 
@@ -49,9 +57,71 @@ if TYPE_CHECKING:
 
 
 @dataclass
+class StepCounts:
+    """The unit counts of one optimizer step (what the trainer hands ``compute_loss`` as ``num_items_in_batch``).
+
+    Args:
+        totals: unit -> count (:data:`~emkd.losses.normalisation.UNITS`), summed over every micro-batch of the step
+            on every process.
+        micro_batches: ``[unit -> count]`` of each micro-batch of the step on this process, in order.
+        processes: the data-parallel processes whose gradients are averaged (DDP, FSDP, DeepSpeed).
+    """
+
+    totals: dict[str, int]
+    micro_batches: list[dict[str, int]]
+    processes: int = 1
+    _next: int = field(default=0, init=False, repr=False)
+
+    @property
+    def taken(self) -> int:
+        """How many micro-batches :meth:`take` has handed out."""
+        return self._next
+
+    def take(self) -> dict[str, int]:
+        """The counts of the next micro-batch of the step (each call moves on by one)."""
+        if self._next >= len(self.micro_batches):
+            raise RuntimeError(f"the optimizer step has {len(self.micro_batches)} micro-batches; a loss was computed "
+                               "for one more")
+        self._next += 1
+        return self.micro_batches[self._next - 1]
+
+
+@dataclass
 class StepOutput:
+    """One micro-batch's loss (the loss's own normalisation: means over this micro-batch), its components for
+    logging, and its terms unreduced (``None`` for a method that only reports means)."""
+
     loss: torch.Tensor
     components: dict[str, float]
+    terms: LossTerms | None = None
+    #: the vision pairs ``(idx_s, idx_t)`` of each sample and the matching that made them (``None`` for a method
+    #: without vision pairs); the trainer measures with them how often a pair lies in the student token's pooling
+    #: window (:mod:`emkd.matching.quality`)
+    matches: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    matching: str | None = None
+
+    def step_share(self, counts: StepCounts) -> tuple[torch.Tensor, dict[str, float]]:
+        """This micro-batch's share of the optimizer step's loss and of each logged component.
+
+        With ``terms``, each term's sum is divided by its unit's count over the whole step and multiplied by the
+        number of processes (whose gradients are averaged): summed over the micro-batches of every process and
+        averaged over the processes, the shares make the loss of one batch of all the step's samples. Without, the
+        share is the micro-batch's mean divided by the number of micro-batches (the mean of their means).
+        """
+        expected = counts.take()
+        if self.terms is None:
+            n = len(counts.micro_batches)
+            return self.loss / n, {k: v / n for k, v in self.components.items()}
+        wrong = {t.unit: (self.terms.counts[t.unit], expected[t.unit]) for t in self.terms.terms.values()
+                 if t.unit in self.terms.counts and self.terms.counts[t.unit] != expected[t.unit]}
+        if wrong:
+            found = ", ".join(f"{unit}: the loss saw {a}, Method.count_units counted {b}"
+                              for unit, (a, b) in wrong.items())
+            raise RuntimeError(f"micro-batch {counts.taken - 1} of the optimizer step: {found}; the step would be "
+                               "normalised by wrong counts")
+        values = self.terms.values(counts.totals, scale=float(counts.processes))
+        loss = combine(self.terms, values)
+        return loss, {"loss": float(loss.detach()), **{k: float(v.detach()) for k, v in values.items()}}
 
 
 class Method(ABC):
@@ -115,10 +185,29 @@ class Method(ABC):
     ) -> StepOutput:
         """Compute the loss of one micro-batch ``{"student": {...}, "teacher": {...}}``."""
 
+    def count_units(
+        self, batch: dict[str, dict[str, torch.Tensor]], student: DistillAdapter, teacher: DistillAdapter | None
+    ) -> dict[str, int]:
+        """Every unit of :data:`~emkd.losses.normalisation.UNITS` counted in a collated batch, without running a
+        model: response positions from the student side's ``labels``, vision tokens from each side's ``input_ids``
+        (``side.image_token_id``, real tokens only), which is where the models put them. A method whose loss
+        normalises by other units overrides this."""
+        s_side = batch["student"]
+        num_response = (s_side["labels"][:, 1:] != IGNORE_INDEX).sum(1)  # (B,)
+        if teacher is None:
+            return count_units(num_response)
+        return count_units(num_response, vision_token_counts(s_side, student.side.image_token_id),
+                           vision_token_counts(batch["teacher"], teacher.side.image_token_id))
+
     @staticmethod
     def run_teacher(teacher: DistillAdapter, side: dict[str, torch.Tensor], **kwargs: Any):
         with torch.no_grad():
             return teacher(side, **kwargs)
+
+
+def vision_token_counts(side: dict[str, torch.Tensor], image_token_id: int) -> torch.Tensor:
+    """``[B]`` image tokens of each sample of a collated side."""
+    return ((side["input_ids"] == image_token_id) & side["attention_mask"].bool()).sum(1)
 
 
 #: name -> method class, in registration order (the order a recipe's "method must be one of" error lists them)
@@ -182,10 +271,12 @@ class SFT(Method):
         def loss_fn(inputs):
             rows = head_divergences(inputs, inputs.response_hidden(), None, None, ("ce",),
                                     targets=inputs.response_targets, **self.loss_kwargs)["ce"]  # (R,)
-            return mean_or_zero(rows, inputs.hidden)
+            return LossTerms({"ce": Term(1.0, sum_or_zero(rows, inputs.hidden), "response_tokens")},
+                             inputs_counts(inputs))
 
-        ce = student(batch["student"], model=model, loss_fn=loss_fn).loss_output
-        return StepOutput(ce, {"loss": float(ce.detach()), "ce": float(ce.detach())})
+        terms = student(batch["student"], model=model, loss_fn=loss_fn).loss_output
+        ce = terms.loss()
+        return StepOutput(ce, {"loss": float(ce.detach()), "ce": float(ce.detach())}, terms)
 
 
 class _LossMethod(Method):
@@ -198,6 +289,9 @@ class _LossMethod(Method):
     def __init__(self, **loss_kwargs: Any) -> None:
         super().__init__(**loss_kwargs)
         self.loss_fn = self.loss_class(**{**self.loss_defaults, **self.loss_kwargs})
+        #: a trainable module the run owns and the loss takes as ``projector=`` (EM-KD's hidden-state VSD map ``P``,
+        #: :func:`emkd.training.run.build_vsd_projector`); ``None``: the loss is called without one
+        self.projector: torch.nn.Module | None = None
 
     @classmethod
     def loss_callable(cls):
@@ -207,8 +301,10 @@ class _LossMethod(Method):
         if teacher is None:
             raise ValueError(f"method {self.name!r} needs a teacher")
         t = self.run_teacher(teacher, batch["teacher"]).inputs
-        out = student(batch["student"], model=model, loss_fn=lambda s: self.loss_fn(s, t)).loss_output
-        return StepOutput(out.loss, out.components())
+        extra = {} if self.projector is None else {"projector": self.projector}
+        out = student(batch["student"], model=model, loss_fn=lambda s: self.loss_fn(s, t, **extra)).loss_output
+        return StepOutput(out.loss, out.components(), out.terms, matches=getattr(out, "matches", None),
+                          matching=getattr(self.loss_fn, "matching", None))
 
 
 @register_method
@@ -236,7 +332,8 @@ class AlignTI(Method):
     """Align-TI (``CE + IVA + KD + TPA``). ``loss_kwargs``: ``iva_layer`` (teacher layer of IVA's weights, set by
     the run from ``irs_layer`` / ``irs_file``: :meth:`run_options`), ``num_candidates`` (4), ``sampling``
     (``nucleus``), ``top_p`` (0.9), ``iva_matching`` (``auto``), ``temperature`` (1), ``vocab`` (``strict``),
-    ``implementation`` (``fused``)."""
+    ``implementation`` (``fused``), ``normalisation`` (``token_sum``, the paper's; or ``token_mean``: see
+    :func:`~emkd.training.align_ti.align_ti_step`)."""
 
     name = "align_ti"
     supports_teacher_cache = False
@@ -245,6 +342,12 @@ class AlignTI(Method):
     supports_sharding = False
     sharding_reason = "TPA reads the student's LM head outside its forward pass, where it is sharded"
     not_options = frozenset({"student_adapter", "teacher_adapter", "batch", "generator", "student_model"})
+
+    def __init__(self, **loss_kwargs: Any) -> None:
+        from emkd.training.align_ti import check_options
+
+        super().__init__(**loss_kwargs)
+        check_options(**loss_kwargs)
 
     @classmethod
     def loss_callable(cls):
@@ -268,7 +371,8 @@ class AlignTI(Method):
         loss, parts = align_ti_step(student, teacher, batch, student_model=model, **self.loss_kwargs)
         components = {k: float(parts[k].detach()) for k in ("ce", "iva", "kd", "tpa")}
         components["loss"] = float(loss.detach())
-        return StepOutput(loss, components)
+        return StepOutput(loss, components, parts["terms"], matches=parts["matches"],
+                          matching=self.loss_kwargs.get("iva_matching", "auto"))
 
 
 @register_method

@@ -41,11 +41,12 @@ from emkd.errors import NonFiniteError, OutputDirError, UserError
 from emkd.training.config import TrainConfig, check_paths
 from emkd.training.methods import METHODS, build_method
 from emkd.training.methods import resolve_iva_layer  # noqa: F401  (public here before it moved to its method)
-from emkd.training.stages import apply_stage
+from emkd.training.stages import apply_stage, trained_parts
 from emkd.training.teacher_cache import CachedTeacher, load_cached_teacher
 from emkd.training.trainer import (
     COMPLETE_MARKER,
     DAMAGED_PREFIX,
+    VSD_PROJECTOR,
     DistillTrainer,
     InterruptCallback,
     JsonlLogger,
@@ -62,6 +63,9 @@ RUN_FILES = ("log.jsonl", "recipe.json", "environment.json", "summary.json", "fi
 # them: the checkpoint's optimizer and scheduler states would silently override a new value.
 NOT_FINGERPRINTED = ("output_dir", "logging_steps", "save_steps", "save_total_limit", "dataloader_workers", "path_help",
                      "on_nonfinite", "max_consecutive_nonfinite", "max_steps", "num_epochs")
+# Keys added after runs were first fingerprinted, recorded only when set: a checkpoint written before they existed
+# still resumes under the same recipe, and one written with a value refuses a recipe without it.
+RECORDED_WHEN_SET = ("vision_tower_lr", "projector_lr")
 
 
 def run_recipe(config: TrainConfig) -> dict[str, Any]:
@@ -70,6 +74,9 @@ def run_recipe(config: TrainConfig) -> dict[str, Any]:
     values = dataclasses.asdict(config)
     for key in NOT_FINGERPRINTED:
         values.pop(key, None)
+    for key in RECORDED_WHEN_SET:
+        if values.get(key) is None:
+            values.pop(key, None)
     return json.loads(json.dumps(values))
 
 
@@ -252,11 +259,47 @@ def training_arguments(config: TrainConfig, **overrides: Any) -> TrainingArgumen
         remove_unused_columns=False,
         dataloader_num_workers=config.dataloader_workers,
         use_cpu=not torch.cuda.is_available(),
-        ddp_find_unused_parameters=False,
+        # a trained tower has parameters no loss reaches (the layers after vision_feature_layer, its last norm)
+        ddp_find_unused_parameters=trained_parts(config.stage, config.train_vision_tower)["vision_tower"],
         disable_tqdm=False,
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
+
+
+def learning_rates(config: TrainConfig) -> dict[str, float]:
+    """Peak learning rate of each part of the student (:func:`emkd.training.stages.param_groups`): the recipe's
+    ``vision_tower_lr`` and ``projector_lr`` where set, ``learning_rate`` for the rest (the language model and the
+    :data:`~emkd.training.trainer.VSD_PROJECTOR`, which trains with it)."""
+    lr = config.learning_rate
+    return {
+        "language_model": lr,
+        "projector": lr if config.projector_lr is None else config.projector_lr,
+        "vision_tower": lr if config.vision_tower_lr is None else config.vision_tower_lr,
+        VSD_PROJECTOR: lr,
+    }
+
+
+def _hidden_size(model: torch.nn.Module) -> int:
+    """Width of the hidden states a model's LM head reads (a cached teacher's ``model`` is its head alone)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else model
+    return int(head.weight.shape[1])
+
+
+def build_vsd_projector(method: Any, student: torch.nn.Module, teacher: Any) -> torch.nn.Linear | None:
+    """EM-KD's learnable map ``P`` of the hidden-state VSD ablation (SPEC §3, EM-KD Table 3c,
+    ``loss.vsd_target=hidden``): ``VSD_b = mean_m MSE(P h_s[s_m], h_t[t_m])``.
+
+    A bias-free ``Linear(Ds, Dt)`` in float32 (the loss projects float32 hidden states) when the method's loss takes
+    hidden-state VSD and the student's hidden size ``Ds`` differs from the teacher's ``Dt``; ``None`` otherwise (with
+    equal sizes the loss compares ``h_s`` and ``h_t`` directly). Drawn from the run's seed, like the student's own
+    initialisation.
+    """
+    loss = getattr(method, "loss_fn", None)
+    if teacher is None or getattr(loss, "vsd_target", None) != "hidden":
+        return None
+    ds, dt = _hidden_size(student), _hidden_size(teacher.model)
+    return None if ds == dt else torch.nn.Linear(ds, dt, bias=False, dtype=torch.float32)
 
 
 def build_trainer(config: TrainConfig, source: str = "the recipe") -> DistillTrainer:
@@ -281,6 +324,12 @@ def build_trainer(config: TrainConfig, source: str = "the recipe") -> DistillTra
             teacher = load_teacher(config.teacher, dtype=DTYPES[config.teacher_dtype])
             teacher.return_logits = False
         check_same_tokenization(student_side.tokenizer, teacher.side.tokenizer)
+    projector = build_vsd_projector(method, model, teacher)
+    if projector is not None:
+        # a submodule of the student, so the Trainer moves, wraps, clips and checks it with the rest; the method
+        # hands it to its loss, and DistillTrainer saves it beside the model (VSD_PROJECTOR_FILE)
+        model.add_module(VSD_PROJECTOR, projector)
+        method.projector = projector
     teacher_side = teacher.side if teacher is not None else student_side
     if config.data.train is None:
         raise ValueError("no training data: set data.train=FILE")
@@ -311,6 +360,7 @@ def build_trainer(config: TrainConfig, source: str = "the recipe") -> DistillTra
         callbacks=[JsonlLogger(Path(config.output_dir) / "log.jsonl")],
     )
     trainer.student_side = student_side
+    trainer.part_learning_rates = learning_rates(config)
     return trainer
 
 

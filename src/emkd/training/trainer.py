@@ -14,7 +14,11 @@ DeepSpeed), gradient accumulation, schedulers, checkpointing and resume. It adds
   safetensors headers and ``trainer_state.json``), write the ``emkd-complete`` marker that records them and the
   recipe's fingerprint, *then* delete checkpoints beyond ``save_total_limit``. A crash at any point leaves the
   previous complete checkpoint in place, and :func:`select_resume_checkpoint` takes only a checkpoint whose files
-  still match their marker and whose recipe is the one being resumed.
+  still match their marker and whose recipe is the one being resumed;
+* one optimizer group per part of the student (language model, projector, vision tower), each at its own peak
+  learning rate under the one schedule (:meth:`DistillTrainer.create_optimizer`);
+* EM-KD's ``vsd_projector`` (``loss.vsd_target=hidden`` with different hidden sizes) trained inside the student but
+  saved beside the model, in ``vsd_projector.safetensors``, and loaded from there on resume.
 """
 
 from __future__ import annotations
@@ -37,13 +41,20 @@ import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 
 from emkd.errors import NonFiniteError, OutputDirError
+from emkd.losses.normalisation import UNITS
+from emkd.matching.quality import WindowHits, batch_window_hits, pooling_geometry, random_hit_rate
 from emkd.models.base import DistillAdapter
-from emkd.training.methods import Method
+from emkd.training.methods import Method, StepCounts, vision_token_counts
+from emkd.training.stages import PARTS, describe_groups, param_groups
 
 COMPLETE_MARKER = "emkd-complete"
 MARKER_FORMAT = 2  # 1 (emkd before checksums): {"global_step"} only
 DAMAGED_PREFIX = "damaged-"  # a damaged checkpoint set aside by --resume: damaged-checkpoint-N
 _CHECKPOINT = re.compile(r"checkpoint-(\d+)")
+# EM-KD's learnable map P (Ds -> Dt) of vsd_target="hidden": a submodule of the student while it trains (so DDP
+# reduces its gradients, clipping and the finiteness guard see it), saved beside the model, not in its weights.
+VSD_PROJECTOR = "vsd_projector"
+VSD_PROJECTOR_FILE = "vsd_projector.safetensors"
 
 
 def _is_main() -> bool:
@@ -550,29 +561,87 @@ class DistillTrainer(Trainer):
         self.guard = NonFiniteGuard(on_nonfinite, max_consecutive_nonfinite)
         self.add_callback(self.guard)
         self._components: dict[str, list[float]] = defaultdict(list)
+        # how often a vision pair lies in the student token's pooling window; only for pooled students of a teacher
+        # with the same patch grid (emkd.matching.quality.pooling_geometry says when)
+        self.match_windows = None if teacher_adapter is None else pooling_geometry(student_adapter, teacher_adapter)
+        self._match_hits = WindowHits()
+        self._match_random_logged = False
         if teacher_adapter is not None:
             teacher_adapter.model.eval()
             teacher_adapter.model.requires_grad_(False)
             teacher_adapter.model.to(self.args.device)
 
+    # compute_loss returns each micro-batch's share of its optimizer step's loss: the Trainer must not divide it again
+    loss_is_scaled_for_ga = True
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """The micro-batches of the next optimizer step and, in place of transformers' count of label tokens, their
+        :class:`~emkd.training.methods.StepCounts`: every unit the method's loss terms are divided by
+        (:meth:`~emkd.training.methods.Method.count_units`), summed over the micro-batches and, under
+        torch.distributed, over the processes (one ``all_reduce`` per optimizer step). An objective that cannot count
+        them (no ``count_units``) gets no counts: its micro-batches' means are averaged, as transformers does."""
+        batch_samples, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        count = getattr(self.method, "count_units", None)
+        if count is None:
+            return batch_samples, None
+        local = [count(batch, self.student_adapter, self.teacher_adapter) for batch in batch_samples]
+        totals = torch.tensor([sum(c[u] for c in local) for u in UNITS], dtype=torch.long, device=device)
+        processes = 1
+        if _distributed():
+            dist.all_reduce(totals)
+            processes = dist.get_world_size()
+        self._step_parts: dict[str, float] = defaultdict(float)  # this step's logged components, summed over shares
+        return batch_samples, StepCounts(dict(zip(UNITS, totals.tolist())), local, processes)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """The method's loss on one micro-batch.
+
+        In training, ``num_items_in_batch`` is the :class:`~emkd.training.methods.StepCounts` of
+        :meth:`get_batch_samples`, and the loss is this micro-batch's share of the optimizer step's loss
+        (:meth:`~emkd.training.methods.StepOutput.step_share`): each term's sum divided by the count of its unit over
+        every micro-batch and process of the step, times the number of processes. Summed by gradient accumulation
+        (the Trainer does not divide it: ``loss_is_scaled_for_ga``) and averaged over processes by DDP, FSDP or
+        DeepSpeed, the gradient is that of one batch of all the step's samples; with one micro-batch and one process
+        the loss is the method's own (means over the micro-batch). The logged components are step values, averaged
+        over the logging window: the same normalisation, summed over the step's micro-batches.
+
+        Otherwise (evaluation, or a ``training_step`` called without counts) the loss is the method's mean over the
+        micro-batch, divided in training by the accumulation steps as the Trainer would.
+        """
         if self.teacher_adapter is not None:
             self.teacher_adapter.model.eval()
         if not self._head_registered and sharding_kind(self) == "zero3":  # the engine exists from the first step on
             register_head_for_zero3(self.model)
             self._head_registered = True
         out = self.method(self.student_adapter, self.teacher_adapter, inputs, model=model)
+        loss = out.loss
         if model.training:
             self.guard.observe_loss(out.loss, out.components)
-            for key, value in out.components.items():
-                self._components[key].append(value)
-        return (out.loss, {"loss": out.loss}) if return_outputs else out.loss
+            if self.match_windows is not None and out.matches is not None:
+                self._match_hits += batch_window_hits(
+                    out.matches, vision_token_counts(inputs["student"], self.student_adapter.side.image_token_id),
+                    vision_token_counts(inputs["teacher"], self.teacher_adapter.side.image_token_id), self.match_windows,
+                    out.matching)
+            if isinstance(num_items_in_batch, StepCounts):
+                loss, shares = out.step_share(num_items_in_batch)
+                for key, value in shares.items():
+                    self._step_parts[key] += value
+            else:
+                loss = loss / getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+                for key, value in out.components.items():
+                    self._components[key].append(value)
+        return (loss, {"loss": loss}) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         # the last micro-batch of an optimizer step: the gradients are complete (and, under DDP, reduced)
-        if self.accelerator.sync_gradients and not self.is_deepspeed_enabled and self.accelerator.scaler is None:
-            self.guard.observe_gradients(model.parameters())
+        if self.accelerator.sync_gradients:
+            if isinstance(num_items_in_batch, StepCounts):  # the step's components, one value per step
+                for key, value in self._step_parts.items():
+                    self._components[key].append(value)
+                self._step_parts.clear()
+            if not self.is_deepspeed_enabled and self.accelerator.scaler is None:
+                self.guard.observe_gradients(model.parameters())
         return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
@@ -590,6 +659,13 @@ class DistillTrainer(Trainer):
             if self.guard.skipped:
                 logs["nonfinite_skipped"] = self.guard.skipped
             self._components.clear()
+            if self.match_windows is not None:  # every process reaches this together
+                hits, self._match_hits = self._match_hits.all_reduce(self.args.device), WindowHits()
+                if hits.rate is not None:
+                    logs["match_in_window"] = round(hits.rate, 6)
+                if not self._match_random_logged:
+                    logs["match_in_window_random"] = round(random_hit_rate(self.match_windows), 6)
+                    self._match_random_logged = True
         super().log(logs, start_time)
 
     def _save_checkpoint(self, model, trial):
@@ -616,3 +692,79 @@ class DistillTrainer(Trainer):
             rotate_checkpoints(run_dir, limit, keep=folder)
         if _distributed():
             dist.barrier()
+
+    # ---- the optimizer: one learning rate per part of the student ------------------------------------------------
+    #: peak learning rate by part (:func:`emkd.training.stages.param_groups`), set by the run from the recipe
+    #: (:func:`emkd.training.run.learning_rates`); parts it leaves out, and all of them when ``None``, train at
+    #: ``args.learning_rate``
+    part_learning_rates: dict[str, float] | None = None
+
+    def create_optimizer(self, model=None):
+        """``transformers``' optimizer (``args.optim``: AdamW) over one parameter group per part of the student
+        (language model, projector, vision tower, :data:`VSD_PROJECTOR`) and weight-decay flag, each at its part's
+        peak learning rate under the one scheduler. Biases and norms get no weight decay
+        (``Trainer.get_decay_parameter_names``, as ``Trainer.create_optimizer`` does). Prints the trainable
+        parameters and learning rate of each part once (``param_group_summary``)."""
+        if self.optimizer is not None:
+            return self.optimizer
+        opt_model = self.model if model is None else model
+        rates = dict.fromkeys((*PARTS, VSD_PROJECTOR), self.args.learning_rate)
+        rates.update(self.part_learning_rates or {})
+        groups = param_groups(opt_model.named_parameters(), rates, self.args.weight_decay,
+                              set(self.get_decay_parameter_names(opt_model)))
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, kwargs = self.optimizer_cls_and_kwargs
+        else:
+            optimizer_cls, kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+        own = sorted({"params", "model", "optimizer_dict"} & set(kwargs))
+        if own:
+            raise NotImplementedError(f"optim={self.args.optim} builds its own parameter groups ({', '.join(own)}); "
+                                      "emkd's per-part learning rates need an optimizer over parameter groups (AdamW)")
+        self.optimizer = optimizer_cls(groups, **kwargs)
+        self.param_group_summary = describe_groups(groups)
+        if self.is_world_process_zero():
+            print("emkd train: trainable parameters and peak learning rates (one schedule scales them all):\n  "
+                  + "\n  ".join(self.param_group_summary), flush=True)
+        return self.optimizer
+
+    # ---- the vsd_projector: trained inside the student, saved beside it ---------------------------------------
+    def vsd_projector(self) -> torch.nn.Module | None:
+        """The student's :data:`VSD_PROJECTOR` submodule, or ``None`` when the run has none."""
+        return getattr(self.accelerator.unwrap_model(self.model), VSD_PROJECTOR, None)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """``transformers``' save of the model without the :data:`VSD_PROJECTOR` weights, which go to
+        :data:`VSD_PROJECTOR_FILE` beside it (keys ``weight`` ...): the model directory loads as the plain student."""
+        if self.vsd_projector() is None:
+            return super()._save(output_dir, state_dict)
+        if state_dict is None:
+            state_dict = self.accelerator.unwrap_model(self.model).state_dict()
+        prefix = VSD_PROJECTOR + "."
+        projector = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        super()._save(output_dir, {k: v for k, v in state_dict.items() if not k.startswith(prefix)})
+        if self.args.should_save and projector:  # empty: ZeRO-3 without gathered weights (the engine saves them)
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().cpu().contiguous() for k, v in projector.items()},
+                      os.path.join(output_dir or self.args.output_dir, VSD_PROJECTOR_FILE), metadata={"format": "pt"})
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """``transformers``' load of the model weights, then the :data:`VSD_PROJECTOR` from its own file."""
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        projector = self.vsd_projector()
+        if projector is None:
+            return
+        path = Path(resume_from_checkpoint) / VSD_PROJECTOR_FILE
+        if not path.is_file():
+            raise OutputDirError(f"--resume: {resume_from_checkpoint} holds no {VSD_PROJECTOR_FILE}, which this "
+                                 "recipe trains (loss.vsd_target=hidden with different hidden sizes)")
+        from safetensors.torch import load_file
+
+        projector.load_state_dict(load_file(str(path)))
+
+    def _issue_warnings_after_load(self, load_result: Any) -> None:
+        """``transformers``' warnings about the keys a checkpoint lacks, less the :data:`VSD_PROJECTOR`'s (saved
+        beside the model, loaded by :meth:`_load_from_checkpoint`)."""
+        prefix = VSD_PROJECTOR + "."
+        missing = [k for k in load_result.missing_keys if not k.startswith(prefix)]
+        super()._issue_warnings_after_load(load_result._replace(missing_keys=missing))
