@@ -19,15 +19,11 @@ def _run(cmd, env):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
-                    reason="torchrun is installed with torch")
-def test_two_processes_match_one(tmp_path):
-    # Every sample has the same number of response and vision tokens, so the mean of the two processes' means is
-    # the mean over the global batch (see docs/training.md on normalisation).
-    ws = build_workspace(tmp_path / "ws", colours=["red"])
+def _one_process_and_two(tmp_path: Path, ws: dict, train: Path, steps: int) -> None:
+    """Train EM-KD for ``steps`` steps on one process (batch 4) and on two (batch 2 each): the logged losses, the
+    gradient norms and the final weights agree."""
     args = ["--set", "method=emkd", "--set", f"student={ws['student']}", "--set", f"teacher={ws['teacher']}",
-            "--set", f"data.train={ws['train']}", "--set", f"data.images={ws['images']}", "--set", "max_steps=3",
+            "--set", f"data.train={train}", "--set", f"data.images={ws['images']}", "--set", f"max_steps={steps}",
             "--set", "learning_rate=0.003", "--set", "lr_scheduler=constant", "--set", "warmup_ratio=0"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     torchrun = str(Path(sys.executable).parent / "torchrun")
@@ -40,7 +36,7 @@ def test_two_processes_match_one(tmp_path):
         return [json.loads(line) for line in open(tmp_path / name / "log.jsonl") if '"objective"' in line]
 
     one, two = logs("one"), logs("two")
-    assert len(one) == len(two) == 3
+    assert len(one) == len(two) == steps
     for a, b in zip(one, two):
         for key in ("loss", "sup", "rld", "vsd", "vlad", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
@@ -48,6 +44,15 @@ def test_two_processes_match_one(tmp_path):
     w2 = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
     for k in w1:
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("torchrun") is None and not (Path(sys.executable).parent / "torchrun").exists(),
+                    reason="torchrun is installed with torch")
+def test_two_processes_match_one(tmp_path):
+    # Every sample has the same number of response and vision tokens.
+    ws = build_workspace(tmp_path / "ws", colours=["red"])
+    _one_process_and_two(tmp_path, ws, ws["train"], steps=3)
 
 
 @pytest.mark.slow
@@ -68,26 +73,4 @@ def test_two_processes_match_one_with_unequal_samples(tmp_path):
             record["image"] = f"{i}.png"
         records.append(record)
     (tmp_path / "mixed.json").write_text(json.dumps(records))
-    args = ["--set", "method=emkd", "--set", f"student={ws['student']}", "--set", f"teacher={ws['teacher']}",
-            "--set", f"data.train={tmp_path / 'mixed.json'}", "--set", f"data.images={ws['images']}",
-            "--set", "max_steps=2", "--set", "learning_rate=0.003", "--set", "lr_scheduler=constant",
-            "--set", "warmup_ratio=0"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    torchrun = str(Path(sys.executable).parent / "torchrun")
-    _run([sys.executable, "-m", "emkd", "train", *args, "--set", f"output_dir={tmp_path / 'one'}",
-          "--set", "batch_size=4"], env)
-    _run([torchrun, "--nproc_per_node", "2", "--master_port", free_port(), "-m", "emkd", "train", *args,
-          "--set", f"output_dir={tmp_path / 'two'}", "--set", "batch_size=2"], env)
-
-    def logs(name):
-        return [json.loads(line) for line in open(tmp_path / name / "log.jsonl") if '"objective"' in line]
-
-    one, two = logs("one"), logs("two")
-    assert len(one) == len(two) == 2
-    for a, b in zip(one, two):
-        for key in ("loss", "sup", "rld", "vsd", "vlad", "grad_norm"):
-            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), (a["step"], key)
-    w1 = load_file(str(tmp_path / "one" / "final" / "model.safetensors"))
-    w2 = load_file(str(tmp_path / "two" / "final" / "model.safetensors"))
-    for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], rtol=1e-4, atol=1e-5)
+    _one_process_and_two(tmp_path, ws, tmp_path / "mixed.json", steps=2)

@@ -2,14 +2,17 @@
 
 The run, top to bottom (every training step goes through ``emkd train``'s code and the recipes in ``recipes/``):
 
-1. data: easy-VQA (real VQA, 64 x 64 px) plus a fine-grained suite where pooling vision tokens loses the answer
-   (:mod:`emkd.demo.datasets`), written as LLaVA JSON;
+1. data: easy-VQA (real VQA, 64 x 64 px) plus a fine-grained suite where pooling vision tokens overlays the asked
+   object with its neighbours, unless the student's tower learns to keep it apart (:mod:`emkd.demo.datasets`),
+   written as LLaVA JSON;
 2. teacher: a vanilla MLLM of the project's own class that keeps all 64 patch tokens and has the larger LLM, trained
    by ``recipes/demo_teacher_phase1.yaml`` + ``demo_teacher_phase2.yaml`` (caption alignment, then SFT); the
    checkpoint is cached in ``runs/demo/teacher`` (or shipped in ``emkd/demo/assets/teacher``) and reused;
-3. student: the efficient model, 2 x 2 average pooling (16 tokens per image, 4x fewer) and a smaller LLM with the
-   teacher's vision tower; phase 1 (``demo_student_phase1.yaml``) aligns it on captions;
-4. phase 2 from the same phase-1 weights and seed, once per method (``sft`` and ``emkd`` by default);
+3. student: the efficient model, 2 x 2 average pooling (16 tokens per image, 4x fewer) and a smaller LLM, with the
+   vision tower the teacher started from (not the teacher's trained one); phase 1 (``demo_student_phase1.yaml``)
+   aligns it on captions;
+4. phase 2 from the same phase-1 weights and seed, once per method (``sft`` and ``emkd`` by default), the whole
+   student trained, tower included (``demo_student_phase2.yaml``);
 5. ``emkd eval`` of the teacher and every student on the held-out split: accuracy per task family, TTFT, vision
    tokens per image; a table on the console, ``runs/demo/results.json`` and ``runs/demo/report.md`` with plots.
 """
@@ -269,6 +272,7 @@ def write_report(root: Path, data: dict[str, Path], teacher_dir: Path, finals: d
         decode_vision_tokens,
         plot_decoded_tokens,
         plot_loss_curves,
+        plot_match_quality,
         plot_matching,
         vision_views,
     )
@@ -277,6 +281,10 @@ def write_report(root: Path, data: dict[str, Path], teacher_dir: Path, finals: d
     figures = root / "figures"
     runs = {m: root / "student" / m / "log.jsonl" for m in finals}
     plot_loss_curves(runs, figures / "loss_curves.png")
+    try:
+        match_figure = plot_match_quality(runs, figures / "match_quality.png")
+    except ValueError:  # no method of this run pairs vision tokens
+        match_figure = None
 
     teacher = load_teacher(teacher_dir)
     records = json.loads(data["test"].read_text())
@@ -329,6 +337,16 @@ def write_report(root: Path, data: dict[str, Path], teacher_dir: Path, finals: d
         "",
         "![matching](figures/matching.png)",
         "",
+        *([
+            "## Does the matching match?",
+            "",
+            "The fraction of matched pairs whose teacher token lies inside the student token's 2 x 2 pooling window, "
+            "over training (logged as `match_in_window`), against what a random one-to-one matching gives "
+            "(dashed, 1/16).",
+            "",
+            "![match quality](figures/match_quality.png)",
+            "",
+        ] if match_figure is not None else []),
         "## Vision tokens decoded to their top vocabulary word (EM-KD Figure 2)",
         "",
         "![decoded vision tokens](figures/decoded_tokens.png)",
