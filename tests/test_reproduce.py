@@ -258,3 +258,20 @@ def test_reproduce_quick_two_seeds_and_two_budgets(tmp_path):
     assert sum(t["kind"] == "phase2" for t in rep.timings) == 2 * (len(rep.scores) + len(BUDGET_ROWS))
     assert (tmp_path / "rep" / "seed1" / "tokens4" / "emkd" / "eval.json").is_file()
     assert any("1 seed(s) to go, about" in line for line in lines)
+
+
+def test_results_markdown_of_a_budgets_only_run():
+    """``--no-tables``: the token budgets alone, no Table 2 / 3, resolution or matching sections."""
+    rep = _synthetic()
+    rep.scores, rep.matching = {}, {}
+    rep.command += " --no-tables"
+    text = results_markdown(rep, "figures/token_budget.png")
+    assert "\n## Token budget: accuracy against time to first token\n" in text
+    assert "](figures/token_budget.png)" in text and "\n## What this does not show\n" in text
+    for header in ("## Table 2 analogue", "## Table 3 analogue", "## Resolution", "## Matching quality"):
+        assert header not in text, header
+
+
+def test_no_tables_needs_budgets(tmp_path):
+    with pytest.raises(UserError, match="--no-tables needs token budgets"):
+        run_reproduce(tmp_path, seeds=(0,), budgets=(), tables=False, results_md=None)

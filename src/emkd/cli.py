@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "empty: none)")
     budgets.add_argument("--no-budgets", dest="budgets", action="store_const", const=(),
                          help="skip the token-budget students")
+    rep.add_argument("--no-tables", dest="tables", action="store_false",
+                     help="run the token budgets only (no Table 2 / Table 3 variants)")
     rep.add_argument("--quick", action="store_true", help="a tiny budget, to check the pipeline")
     rep.set_defaults(func=_run_reproduce)
 
@@ -120,7 +122,7 @@ def _run_reproduce(args: argparse.Namespace) -> int:
     from emkd.demo.reproduce import run_reproduce
 
     run_reproduce(args.out, seeds=args.seeds, steps=args.steps, results_md=args.results, quick=args.quick,
-                  budgets=args.budgets)
+                  budgets=args.budgets, tables=args.tables)
     return 0
 
 

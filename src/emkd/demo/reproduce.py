@@ -482,7 +482,7 @@ def results_markdown(rep: Reproduction, figure: str | None = None) -> str:
     diff_caption = (f"Paired difference to SFT (points): the mean over seeds of variant − SFT on the same seed "
                     f"[{100 * CONFIDENCE:.0f} % CI, Student t with n − 1 = {n - 1} degrees of freedom].")
     for title, rows in (("Table 2 analogue: distillation methods", TABLE2),
-                        ("Table 3 analogue: EM-KD ablations", TABLE3)):
+                        ("Table 3 analogue: EM-KD ablations", TABLE3)) if rep.scores else ():
         lines += [
             f"## {title}",
             "",
@@ -495,7 +495,8 @@ def results_markdown(rep: Reproduction, figure: str | None = None) -> str:
             *difference_table(rows, rep.scores, families),
             "",
         ]
-    lines += ["## Resolution", "", *resolution_lines(fine_grained_differences(rep.scores, families)), ""]
+    if rep.scores:
+        lines += ["## Resolution", "", *resolution_lines(fine_grained_differences(rep.scores, families)), ""]
     if rep.budgets:
         lines += [
             "## Token budget: accuracy against time to first token",
@@ -514,7 +515,7 @@ def results_markdown(rep: Reproduction, figure: str | None = None) -> str:
         ]
         if figure is not None:
             lines += ["![accuracy against time to first token](" + figure + ")", ""]
-    lines += [
+    lines += [] if not rep.scores else [
         "## Matching quality",
         "",
         "How often the matching pairs a student vision token with a teacher token of its own pooling window "
@@ -524,6 +525,8 @@ def results_markdown(rep: Reproduction, figure: str | None = None) -> str:
         "",
         *matching_table(rep),
         "",
+    ]
+    lines += [
         "## What this does not show",
         "",
         *(f"- {sentence}" for sentence in NOT_SHOWN),
@@ -616,10 +619,11 @@ class _Runner:
 def run_reproduce(root: str | Path = "runs/reproduce", seeds: Sequence[int] = DEFAULT_SEEDS,
                   steps: int = 250, results_md: str | Path | None = "docs/results.md",
                   print_fn: Callable[[str], None] = print, quick: bool = False,
-                  budgets: Sequence[int] = DEFAULT_BUDGETS) -> Reproduction:
+                  budgets: Sequence[int] = DEFAULT_BUDGETS, tables: bool = True) -> Reproduction:
     """Train and evaluate every variant of Tables 2 and 3 for each seed, and SFT / EM-KD students at each token
     budget (vision tokens per image; empty: none); write the markdown to ``results_md`` and the token-budget plot to
-    ``figures/token_budget.png`` next to it (under ``root`` when ``results_md`` is ``None``)."""
+    ``figures/token_budget.png`` next to it (under ``root`` when ``results_md`` is ``None``). ``tables=False`` runs
+    the token budgets only (the 16-token students then get their own SFT and EM-KD runs)."""
     from emkd.demo.report import plot_accuracy_vs_ttft
 
     started = time.perf_counter()
@@ -628,6 +632,8 @@ def run_reproduce(root: str | Path = "runs/reproduce", seeds: Sequence[int] = DE
         raise UserError(f"seeds must be distinct and at least one, got {list(seeds)}")
     if len(set(budgets)) != len(budgets):
         raise UserError(f"token budgets must be distinct, got {list(budgets)}")
+    if not tables and not budgets:
+        raise UserError("nothing to run: --no-tables needs token budgets (--budgets 4,16,64)")
     for tokens in budgets:
         pool_size_for(tokens)  # every budget checked before any training
     budget = QUICK if quick else DemoBudget()
@@ -642,19 +648,20 @@ def run_reproduce(root: str | Path = "runs/reproduce", seeds: Sequence[int] = DE
                      _irs_layer(teacher, data, log, root), budget, steps, log, [])
     teacher_result = runner.evaluate(teacher)
     command = ("emkd reproduce" + (" --quick" if quick else "") + f" --seeds {','.join(map(str, seeds))} --steps "
-               f"{steps} " + (f"--budgets {','.join(map(str, budgets))}" if budgets else "--no-budgets"))
+               f"{steps} " + (f"--budgets {','.join(map(str, budgets))}" if budgets else "--no-budgets")
+               + ("" if tables else " --no-tables"))
     rep = Reproduction(command, seeds, steps, teacher_result, {}, timings=runner.timings,
                        machine=machine_description(), quick=quick)
 
-    variants = {_variant_key(m, l): (m, l) for m, l in list(TABLE2.values()) + list(TABLE3.values())}
+    variants = {_variant_key(m, l): (m, l) for m, l in list(TABLE2.values()) + list(TABLE3.values())} if tables else {}
     rep.scores = {k: [] for k in variants}
     rep.matching = {k: [] for k in variants}
-    side_budgets = [t for t in budgets if t != MAIN_TOKENS]  # MAIN_TOKENS reuses the Table 2 runs
+    side_budgets = [t for t in budgets if t != MAIN_TOKENS or not tables]  # MAIN_TOKENS reuses the Table 2 runs
     side_scores: dict[int, dict[str, list[EvalResult]]] = {t: {name: [] for name in BUDGET_ROWS} for t in side_budgets}
     seeds_started = time.perf_counter()
     for i, seed in enumerate(seeds):
         seed_dir = root / f"seed{seed}"
-        p1 = runner.phase1(seed, MAIN_TOKENS, seed_dir)
+        p1 = runner.phase1(seed, MAIN_TOKENS, seed_dir) if variants else None
         for key, (method, loss) in variants.items():
             rep.scores[key].append(runner.phase2(seed, p1, seed_dir / key, method, loss))
             rep.matching[key].append(last_logged(seed_dir / key / "log.jsonl", MATCH_KEYS))
@@ -670,7 +677,7 @@ def run_reproduce(root: str | Path = "runs/reproduce", seeds: Sequence[int] = DE
         log(f"seed {seed} done; {left} seed(s) to go" + (f", about {_duration(per_seed * left)} more" if left else ""))
 
     for tokens in budgets:
-        if tokens == MAIN_TOKENS:
+        if tokens == MAIN_TOKENS and tables:
             rep.budgets[tokens] = {name: rep.scores[_variant_key(*TABLE2[name])] for name in BUDGET_ROWS}
         else:
             rep.budgets[tokens] = side_scores[tokens]
