@@ -90,8 +90,9 @@ MINUS = "\N{MINUS SIGN}"
 NOT_SHOWN = [
     "One tiny model family: a student and a teacher of this project's own class, a few layers wide, trained from "
     "scratch on the demo data; the paper distills pretrained LLaVA-scale models, and effect sizes need not transfer.",
-    "A synthetic fine-grained suite: its families are drawn by `emkd.demo.datasets` so that pooling removes the "
-    "answer, and easy-VQA is rendered shapes; none of them is a benchmark of the paper.",
+    "A synthetic fine-grained suite: its families are drawn by `emkd.demo.datasets` so that 2 x 2 pooling overlays "
+    "the asked object with distractors unless the student's tower learns to keep it apart, and easy-VQA is rendered "
+    "shapes; none of them is a benchmark of the paper.",
     "Seed-to-seed variation only: the intervals cover initial weights, data order and sampling on one held-out set, "
     "one teacher and one step budget; not the choice of held-out records, the teacher's training or a longer budget.",
     "No tuning per method: every method runs with its paper's loss weights and the demo's optimiser settings.",
