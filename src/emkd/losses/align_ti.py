@@ -66,7 +66,7 @@ def instruction_vision_attention(
 
 
 def instruction_relevance_score(
-    layer_vectors: torch.Tensor, num_pairs: int = 256, seed: int = 0
+    layer_vectors: torch.Tensor, num_pairs: int = 1024, seed: int = 0
 ) -> torch.Tensor:
     """IRS of every layer (Align-TI Eq. 3).
 
