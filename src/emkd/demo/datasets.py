@@ -257,15 +257,14 @@ def _framed_sample(answers: tuple[str, ...], extra: Callable[[np.random.Generato
     return sample
 
 
-def _framed_render(mask: Callable[[dict], np.ndarray]):
-    """A renderer: each object's 8 x 8 ``mask(object)`` in its colour, then the frame."""
+def _framed_render(mask: Callable[[dict], np.ndarray], color: Callable[[dict], str] = lambda obj: obj["color"]):
+    """A renderer: each object's 8 x 8 ``mask(object)`` in ``PALETTE[color(object)]``, then the frame."""
 
     def render(meta: dict) -> np.ndarray:
         canvas = np.zeros((SIZE, SIZE, 3), np.float32)
         for obj in meta["objects"]:
             row, col = obj["cell"]
-            color = obj["value"] if obj["value"] in PALETTE else obj["color"]  # the color family asks the colour
-            _paint(canvas, mask(obj), row * PATCH, col * PATCH, PALETTE[color])
+            _paint(canvas, mask(obj), row * PATCH, col * PATCH, PALETTE[color(obj)])
         row, col = meta["objects"][meta["framed"]]["cell"]
         _paint(canvas, _frame(), row * PATCH, col * PATCH, FRAME_COLOR)
         return _to_uint8(canvas)
@@ -293,7 +292,7 @@ COLOR = Family(
     name="color",
     answers=tuple(PALETTE),
     sample=_framed_sample(tuple(PALETTE), _any_shape),
-    render=_framed_render(lambda obj: _shape(obj["shape"])),
+    render=_framed_render(lambda obj: _shape(obj["shape"]), color=lambda obj: obj["value"]),  # the asked colour
     question=lambda meta: "what color is the shape in the frame?",
     answer=lambda meta: _framed(meta)["value"],
     caption=lambda meta: f"a {_framed(meta)['value']} {_framed(meta)['shape']} in a frame",
