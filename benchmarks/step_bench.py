@@ -43,7 +43,7 @@ def build(methods: list[str], work: Path, batch_size: int, implementation: str):
 
     cache = None
     if any(m.endswith("+cache") for m in methods):
-        from emkd.training.teacher_cache import cache_teacher
+        from emkd.cache import cache_teacher
 
         cache = work / "teacher-cache"
         cache_teacher(teacher_dir, data["train"], data["images"], cache, max_length=256, batch_size=16, progress=False)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from emkd.cache import CachedTeacher
 from emkd.data import PairCollator, PairDataset
 from emkd.losses.align_ti import (
     instruction_relevance_score,
@@ -23,9 +25,17 @@ from emkd.losses.align_ti import (
     ribbon_attention_mask,
 )
 from emkd.losses.divergence import forward_kl
-from emkd.models import EfficientMLLMAdapter, build_tokenizer, load_student, load_teacher, save_tiny_teacher
+from emkd.models import (
+    DistillAdapter,
+    EfficientMLLMAdapter,
+    build_tokenizer,
+    load_student,
+    load_teacher,
+    save_tiny_teacher,
+)
 from emkd.models.tiny import save_tiny_student
 from emkd.training.align_ti import (
+    TPAOptions,
     align_ti_step,
     augmented_hidden,
     build_tpa_batch,
@@ -256,18 +266,33 @@ def test_mrope_teachers_are_refused(workspace, kind):
 # ---- losses -----------------------------------------------------------------------------------------------------
 def test_tpa_losses_match_normal_passes(workspace, student, llava):
     _, batch = _pair_batch(workspace, student, llava)
-    out = tpa_losses(student, llava, batch, num_candidates=2, generator=torch.Generator().manual_seed(0))
+    out = tpa_losses(student, llava, batch, TPAOptions(num_candidates=2), generator=torch.Generator().manual_seed(0))
     s = student(batch["student"]).inputs
     with torch.no_grad():
         t = llava(batch["teacher"]).inputs
     z_s, z_t = s.logits(s.response_hidden()), t.logits(t.response_hidden())
     ce = torch.nn.functional.cross_entropy(z_s, s.response_targets)
-    torch.testing.assert_close(out["ce"], ce, atol=1e-5, rtol=0)  # CE of the augmented pass = of a normal pass
-    torch.testing.assert_close(out["kd"], forward_kl(z_s, z_t).mean(), atol=1e-5, rtol=0)
+    torch.testing.assert_close(out.ce, ce, atol=1e-5, rtol=0)  # CE of the augmented pass = of a normal pass
+    torch.testing.assert_close(out.kd, forward_kl(z_s, z_t).mean(), atol=1e-5, rtol=0)
     R = int(s.response_mask.sum())
-    assert out["candidates"].shape == (R, 2) and out["sampling_logits"].shape == (R, s.vocab_size)
-    assert torch.isfinite(out["tpa"]) and float(out["tpa"].detach()) > 0
-    assert out["tpa"].requires_grad and out["kd"].requires_grad
+    assert out.candidates.shape == (R, 2) and out.sampling_logits.shape == (R, s.vocab_size)
+    assert torch.isfinite(out.tpa) and float(out.tpa.detach()) > 0
+    assert out.tpa.requires_grad and out.kd.requires_grad
+    assert out.teacher_attention is None
+    torch.testing.assert_close(out.tpa, out.totals.tpa / (R * 2), atol=0, rtol=0)
+
+
+def test_tpa_options_are_checked():
+    for field, value, message in [
+        ("num_candidates", 0, "num_candidates must be >= 1, got 0"),
+        ("sampling", "beam", "sampling must be one of ('nucleus', 'greedy'), got 'beam'"),
+        ("top_p", 0.0, "top_p must lie in (0, 1], got 0.0"),
+        ("temperature", 0.0, "temperature must be > 0, got 0.0"),
+        ("vocab", "all", "vocab must be one of ('strict', 'crop'), got 'all'"),
+        ("implementation", "fast", "implementation must be one of"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            TPAOptions(**{field: value})
 
 
 def test_align_ti_step_trains_the_student_only(workspace, llava):
@@ -404,16 +429,92 @@ def test_ivas_attention_from_the_augmented_pass_equals_a_normal_pass(workspace, 
     columns) are those of a normal pass, because the ribbon mask gives candidates exactly zero weight there."""
     teacher = sharp_llava if kind == "llava" else _teacher(workspace, "student")
     _, batch = _pair_batch(workspace, student, teacher)
-    out = tpa_losses(student, teacher, batch, num_candidates=2, generator=torch.Generator().manual_seed(0),
-                     teacher_attention_layer=-1)
+    out = tpa_losses(student, teacher, batch, TPAOptions(num_candidates=2, teacher_attention_layer=-1),
+                     generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         normal = teacher(batch["teacher"], attention_layer=-1)
     t = normal.inputs
     mask = t.attention_mask.bool()
     pair = mask[:, :, None] & mask[:, None, :]
-    torch.testing.assert_close(out["teacher_attention"][pair], normal.attention[pair], atol=1e-5, rtol=1e-4)
-    got = instruction_vision_attention(out["teacher_attention"], t.vision_mask, t.instruction_mask)
+    torch.testing.assert_close(out.teacher_attention[pair], normal.attention[pair], atol=1e-5, rtol=1e-4)
+    got = instruction_vision_attention(out.teacher_attention, t.vision_mask, t.instruction_mask)
     want = instruction_vision_attention(normal.attention, t.vision_mask, t.instruction_mask)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(out["teacher"].hidden[mask], t.hidden[mask], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.teacher.hidden[mask], t.hidden[mask], atol=1e-4, rtol=1e-4)
+    assert teacher.model.get_decoder().config._attn_implementation == "sdpa"  # eager for the recorded pass only
+
+
+# ---- through the adapter interface ------------------------------------------------------------------------------
+class Forwarding(DistillAdapter):
+    """An adapter class Align-TI does not know, which forwards the interface's methods to another adapter: Align-TI
+    must reach the models through those methods alone."""
+
+    def __init__(self, inner: DistillAdapter) -> None:
+        self.inner, self.model, self.side = inner, inner.model, inner.side
+
+    def __call__(self, batch, attention_layer=None):
+        return self.inner(batch, attention_layer)
+
+    def recording_attention(self, layer):
+        return self.inner.recording_attention(layer)
+
+    def check_augmented_forward(self):
+        self.inner.check_augmented_forward()
+
+    def augmented_forward(self, batch, model=None):
+        return self.inner.augmented_forward(batch, model)
+
+
+class Bare(DistillAdapter):
+    """An adapter with nothing but ``__call__``, counting its forwards."""
+
+    def __init__(self, inner: DistillAdapter) -> None:
+        self.inner, self.model, self.side = inner, inner.model, inner.side
+        self.calls = 0
+
+    def __call__(self, batch, attention_layer=None):
+        self.calls += 1
+        return self.inner(batch, attention_layer)
+
+
+@pytest.mark.parametrize("kind", ["student", "llava"])
+def test_align_ti_runs_through_the_adapter_interface(workspace, student, kind):
+    """Both models behind adapters of an unknown class give the step of the concrete adapters, bit for bit."""
+    teacher = _teacher(workspace, kind)
+    _, batch = _pair_batch(workspace, student, teacher)
+    options = dict(iva_layer=-1, num_candidates=2, sampling="greedy")
+    loss, parts = align_ti_step(student, teacher, batch, **options)
+    wrapped_loss, wrapped = align_ti_step(Forwarding(student), Forwarding(teacher), batch, **options)
+    assert torch.equal(wrapped_loss, loss) and float(parts["iva"].detach()) > 0
+    for name in ("ce", "iva", "kd", "tpa", "candidates"):
+        assert torch.equal(wrapped[name], parts[name]), name
+
+
+def test_an_adapter_without_align_ti_support_refuses_in_one_line(workspace, student, llava):
+    _, batch = _pair_batch(workspace, student, llava)
+    refusal = "Bare does not support the augmented forward of Align-TI's TPA (an additive 4D mask with position ids)"
+    for pair in ((Bare(student), llava), (student, Bare(llava))):
+        with pytest.raises(NotImplementedError) as error:
+            align_ti_step(*pair, batch, iva_layer=-1, num_candidates=2)
+        assert str(error.value) == refusal
+        assert all(adapter.calls == 0 for adapter in pair if isinstance(adapter, Bare))  # before any model ran
+    with pytest.raises(NotImplementedError) as error:
+        Bare(llava).recording_attention(0)
+    assert str(error.value) == "Bare does not support recording attention probabilities (Align-TI's IRS and IVA)"
+
+
+def test_a_cached_teacher_refuses_tpa(workspace, student, llava):
+    class HeadOnly:  # what CachedTeacher reads of a cache when it is built
+        path = "cache"
+
+        def head(self):
+            return llava.model.get_output_embeddings().weight.detach(), None
+
+    cached = CachedTeacher(HeadOnly(), llava.side)
+    _, batch = _pair_batch(workspace, student, llava)
+    with pytest.raises(NotImplementedError, match="^CachedTeacher does not support the augmented forward") as error:
+        tpa_losses(student, cached, batch)
+    assert "\n" not in str(error.value)
+    with pytest.raises(NotImplementedError, match="^CachedTeacher does not support recording attention"):
+        cached.recording_attention(-1)

@@ -457,15 +457,15 @@ def test_source_formats():
 
 
 def test_pair_dataset_reuses_its_scan_until_the_file_changes(tmp_path, sides, images_dir, monkeypatch):
-    import emkd.data.collate as collate
+    import emkd.data.dataset as dataset
 
     monkeypatch.setenv("EMKD_CACHE", str(tmp_path / "cache"))
     path = write_jsonl(tmp_path / "broken.jsonl", BROKEN)
     student, _, qwen = sides
     first = PairDataset(path, images_dir, student, qwen, max_length=MAX_LENGTH, on_bad_sample="skip")
     calls = []
-    real_scan = collate.scan_file
-    monkeypatch.setattr(collate, "scan_file", lambda *a, **k: calls.append(1) or real_scan(*a, **k))
+    real_scan = dataset.scan_file
+    monkeypatch.setattr(dataset, "scan_file", lambda *a, **k: calls.append(1) or real_scan(*a, **k))
     again = PairDataset(path, images_dir, student, qwen, max_length=MAX_LENGTH, on_bad_sample="skip")
     assert calls == []  # the second run read the cache
     assert [r.id for r in again.records] == [r.id for r in first.records]

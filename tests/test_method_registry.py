@@ -8,6 +8,7 @@ now read from its flags, keep their messages.
 
 import json
 import re
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -163,3 +164,156 @@ def test_align_ti_refusals_keep_their_messages():
         )):
             check_sharding_supported(fake_trainer(kind), align_ti)
     check_sharding_supported(fake_trainer("zero2"), align_ti)
+
+
+# ---- emkd train --help-method --------------------------------------------------------------------------------------
+def test_describe_method_lists_every_loss_option_with_type_default_and_meaning(foo):
+    from emkd.training.methods import describe_method
+
+    text = describe_method("emkd")
+    assert text.startswith("method emkd: EM-KD:")
+    assert "  teacher: required" in text and "  teacher_cache: yes" in text
+    for key in METHODS["emkd"].loss_options():
+        assert f"\n  {key} (" in text, key
+    assert "  alpha (float, default 0.5): weight of SUP; ``1 - alpha`` weighs RLD (paper: 0.5)." in text
+    assert "  matching (str, default 'hungarian_logits'): ``hungarian_logits`` (paper)" in text
+    rkl = describe_method("rkl")  # the method's defaults, not the loss class's
+    assert "  divergence (str, default 'reverse')" in rkl and "  ce_weight (float, default 0.5)" in rkl
+    align = describe_method("align_ti")
+    assert "teacher_cache: no (its TPA runs the teacher" in align and "  iva_layer (int, required)" in align
+    assert "  teacher: none" in describe_method("sft")
+    foo_text = describe_method("foo")  # a method registered from outside the package
+    assert "  kl_weight (float, default 0.5)" in foo_text
+    assert "FSDP / ZeRO-3: no (foo was never tried sharded)" in foo_text
+    with pytest.raises(ValueError, match="unknown method 'emdk'; did you mean 'emkd'"):
+        describe_method("emdk")
+
+
+def test_docstring_args_reads_entries_shared_names_and_continuations():
+    from emkd.training.methods import docstring_args
+
+    doc = ("Summary.\n\nArgs:\n    a: first\n        continued.\n    b, c: shared\n    d:\n        below.\n\n"
+           "Returns:\n    x: no")
+    assert docstring_args(doc) == {"a": "first continued.", "b": "shared", "c": "shared", "d": "below."}
+    assert docstring_args("No sections.") == {}
+
+
+def test_cli_help_method(capsys):
+    from emkd.cli import main
+
+    assert main(["train", "--help-method", "kd"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("method kd: Vanilla KD") and "  kd_weight (float, default 1.0)" in out
+    assert main(["train", "--help-method", "nope"]) == 2
+    assert "emkd train: error: --help-method: unknown method 'nope'" in capsys.readouterr().err
+
+
+# ---- a method from an installed package: the "emkd.methods" entry point -------------------------------------------
+PLUGIN = '''
+from emkd.training.methods import register_method
+{body}
+'''
+PLUGIN_METHOD = '''
+import sys
+sys.path.insert(0, {tests!r})
+from test_method_registry import Foo
+
+@register_method
+class FooPlugin(Foo):
+    name = "foo_plugin"
+'''
+
+
+def _install_plugin(root, package, entry, body):
+    """A package on ``sys.path`` with a dist-info declaring ``entry`` in the ``emkd.methods`` group, as pip leaves
+    it."""
+    (root / package).mkdir(parents=True)
+    (root / package / "__init__.py").write_text(PLUGIN.format(body=body))
+    info = root / f"{package}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[emkd.methods]\n{entry}\n")
+
+
+def test_an_installed_package_adds_a_method_through_its_entry_point(ws, tmp_path, monkeypatch):
+    import importlib
+    from pathlib import Path
+
+    from emkd.training.methods import describe_method, load_method_plugins
+
+    tests = str(Path(__file__).parent)
+    _install_plugin(tmp_path / "site", "emkd_foo_plugin", "foo_plugin = emkd_foo_plugin:FooPlugin",
+                    PLUGIN_METHOD.format(tests=tests))
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    importlib.invalidate_caches()
+    try:
+        config = recipe(ws, tmp_path / "run", "method=foo_plugin", "loss.kl_weight=0.25", "max_steps=1")
+        assert config.method == "foo_plugin" and "foo_plugin" in METHODS  # loaded when the recipe asked for it
+        assert "method foo_plugin:" in describe_method("foo_plugin")
+        assert load_method_plugins() == []  # once
+        assert train(config)["global_step"] == 1
+    finally:
+        METHODS.pop("foo_plugin", None)
+        for name in [m for m in sys.modules if m.startswith("emkd_foo_plugin")]:
+            del sys.modules[name]
+    assert tuple(METHODS) == BUILT_IN
+
+
+def test_a_broken_or_silent_entry_point_is_one_line_naming_its_package(tmp_path, monkeypatch):
+    import importlib
+
+    from emkd.training.methods import load_method_plugins
+
+    _install_plugin(tmp_path / "a", "emkd_broken", "broken = emkd_broken:Missing", "import not_a_module_anywhere")
+    monkeypatch.syspath_prepend(str(tmp_path / "a"))
+    importlib.invalidate_caches()
+    with pytest.raises(UserError, match=r"entry point 'broken' = 'emkd_broken:Missing' of package 'emkd_broken' "
+                                        r"\(emkd.methods\) failed to load: ModuleNotFoundError"):
+        load_method_plugins()
+    monkeypatch.syspath_prepend(str(tmp_path / "b"))
+    _install_plugin(tmp_path / "b", "emkd_silent", "silent = emkd_silent:Nothing", "Nothing = object")
+    monkeypatch.delitem(sys.modules, "emkd_broken", raising=False)
+    sys.path.remove(str(tmp_path / "a"))
+    importlib.invalidate_caches()
+    with pytest.raises(UserError, match=r"registered no method 'silent': decorate its class"):
+        load_method_plugins()
+    assert tuple(METHODS) == BUILT_IN
+
+
+def test_docs_adding_a_method_walkthrough_runs_as_written(ws, tmp_path, monkeypatch):
+    """docs/adding-a-method.md: its two files, saved as a package with the entry point it declares, train two steps
+    from a recipe, and ``--help-method foo`` prints what the page shows."""
+    import importlib
+    from pathlib import Path
+
+    from emkd.training.methods import describe_method
+
+    page = (Path(__file__).parents[1] / "docs" / "adding-a-method.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, re.S)
+    assert len(blocks) == 2, "the page shows the loss and the registration, one block each"
+    site = tmp_path / "site"
+    (site / "mypkg").mkdir(parents=True)
+    (site / "mypkg" / "__init__.py").write_text("")
+    (site / "mypkg" / "foo_loss.py").write_text(blocks[0])
+    (site / "mypkg" / "foo_method.py").write_text(blocks[1])
+    entry = re.search(r'\[project.entry-points."emkd.methods"\]\n(.*)\n', page).group(1)
+    entry = entry.replace('"', '')  # a TOML string in pyproject.toml, a bare value in entry_points.txt
+    info = site / "mypkg-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: mypkg\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[emkd.methods]\n{entry}\n")
+    monkeypatch.syspath_prepend(str(site))
+    importlib.invalidate_caches()
+    try:
+        config = recipe(ws, tmp_path / "run", "method=foo", "loss.kl_weight=0.25", "max_steps=2")
+        shown = re.search(r"```\n(method foo:.*?)```", page, re.S).group(1).strip()
+        assert describe_method("foo") == shown
+        summary = train(config)
+        assert summary["global_step"] == 2
+        steps = [json.loads(line) for line in open(tmp_path / "run" / "log.jsonl")]
+        assert all({"ce", "kl"} <= set(r) for r in steps if "objective" in r)
+    finally:
+        METHODS.pop("foo", None)
+        for name in [m for m in sys.modules if m == "mypkg" or m.startswith("mypkg.")]:
+            del sys.modules[name]
+    assert tuple(METHODS) == BUILT_IN

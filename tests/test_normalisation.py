@@ -24,7 +24,7 @@ from _workspace import build_workspace
 from conftest import SampleSpec as S
 from conftest import make_pair, select, with_leaves
 from emkd.losses.align_ti import instruction_vision_attention
-from emkd.training.align_ti import align_ti_step, augmented_hidden, tpa_losses
+from emkd.training.align_ti import TPAOptions, align_ti_step, augmented_hidden, tpa_losses
 from emkd.training.config import load_recipe
 from emkd.training.methods import StepCounts, StepOutput, check_loss_options
 from emkd.training.run import build_trainer
@@ -229,12 +229,13 @@ def test_align_ti_normalisation_matches_float64_sums(mixed, tmp_path, normalisat
     loss, parts = align_ti_step(student, teacher, batch, iva_layer=1, normalisation=normalisation, **options)
 
     # the same passes, then every row recomputed in float64 from their hidden states
-    out = tpa_losses(student, teacher, batch, num_candidates=d, sampling="greedy", teacher_attention_layer=1)
-    s, t = out["student"], out["teacher"]
+    options = TPAOptions(num_candidates=d, sampling="greedy", teacher_attention_layer=1)
+    out = tpa_losses(student, teacher, batch, options)
+    s, t = out.student, out.teacher
     zs, zt = full_logits(s, s.vocab_size, detach=True), full_logits(t, t.vocab_size, detach=True)  # (B, L, V)
     with torch.no_grad():
-        h_s = augmented_hidden(student, out["student_batch"]).double()  # (B, Ts, Ds)
-        h_t = augmented_hidden(teacher, out["teacher_batch"]).double()  # (B, Tt, Dt)
+        h_s = augmented_hidden(student, out.student_batch).double()  # (B, Ts, Ds)
+        h_t = augmented_hidden(teacher, out.teacher_batch).double()  # (B, Tt, Dt)
     B = s.batch_size
     ce, kd, tpa = [torch.zeros((), dtype=torch.float64) for _ in range(3)]
     for b in range(B):
@@ -247,12 +248,12 @@ def test_align_ti_normalisation_matches_float64_sums(mixed, tmp_path, normalisat
         z = h @ side.head_weight.detach().double().T
         return z if side.head_bias is None else z + side.head_bias.detach().double()
 
-    s_aug, t_aug = out["student_batch"], out["teacher_batch"]
+    s_aug, t_aug = out.student_batch, out.teacher_batch
     for b, index_s, index_t in zip(s_aug["candidate_batch"], s_aug["candidate_index"], t_aug["candidate_index"]):
         for u in range(d):  # c_k^(u) on each side (the teacher's prefix is longer)
             tpa = tpa + kl(head64(t, h_t[b, int(index_t[u])]), head64(s, h_s[b, int(index_s[u])]), 1.0)
     R = int(s.response_mask.sum())
-    weights = instruction_vision_attention(out["teacher_attention"], t.vision_mask, t.instruction_mask)
+    weights = instruction_vision_attention(out.teacher_attention, t.vision_mask, t.instruction_mask)
     weights = [w if w.numel() else torch.zeros(int(n)) for w, n in zip(weights, t.vision_mask.sum(1))]
     iva, _ = ref_iva(s, t, weights, normalisation=normalisation)
     if normalisation == "token_sum":  # Eq. 2, 4, 7: sums over tokens, then the mean over the B samples

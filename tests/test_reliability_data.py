@@ -27,7 +27,7 @@ from emkd.data import PairDataset, add_check_arguments, check_file, read_records
 from emkd.data.records import BadRecord, Record, load_images
 from emkd.errors import UserError
 from emkd.models import VisionSide, build_tokenizer
-from emkd.training.teacher_cache import INDEX_FILE, TeacherCache, cache_teacher
+from emkd.cache import INDEX_FILE, TeacherCache, cache_teacher
 
 CORPUS = [
     "Describe the image. A red square on a white background.",
@@ -169,14 +169,14 @@ def test_image_paths_outside_the_images_folder_are_refused(tmp_path, sides, imag
 
 # ---- images that change ----------------------------------------------------------------------------------------------
 def test_the_scan_cache_notices_a_changed_image(tmp_path, sides, images_dir, monkeypatch):
-    import emkd.data.collate as collate
+    import emkd.data.dataset as dataset
 
     monkeypatch.setenv("EMKD_CACHE", str(tmp_path / "cache"))
     path = write_lines(tmp_path / "d.jsonl", [record("r"), record("b", image="blue.png", answer="Blue.")])
     assert len(PairDataset(path, images_dir, *sides, on_bad_sample="skip")) == 2
     calls = []
-    real_scan = collate.scan_file
-    monkeypatch.setattr(collate, "scan_file", lambda *a, **k: calls.append(1) or real_scan(*a, **k))
+    real_scan = dataset.scan_file
+    monkeypatch.setattr(dataset, "scan_file", lambda *a, **k: calls.append(1) or real_scan(*a, **k))
     assert len(PairDataset(path, images_dir, *sides, on_bad_sample="skip")) == 2 and calls == []  # cached
     # the image is replaced by one of the same size: a new scan
     stat = os.stat(images_dir / "blue.png")
@@ -308,7 +308,7 @@ def test_a_truncated_shard_is_a_user_error(ws, copy):
 def test_verify_checks_every_file_and_sample(ws, copy, capsys):
     from safetensors.torch import load_file, save_file
 
-    from emkd.training.teacher_cache import file_sha256
+    from emkd.cache import file_sha256
 
     assert main(["cache-teacher", "--verify", str(copy)]) == 0
     assert "verified" in capsys.readouterr().out
@@ -346,7 +346,8 @@ def _edit(index, how):
     ("no samples", r"index.json: expected samples to be an object, found nothing \(the key is missing\)"),
     ("bad shard number", r"expected samples.shard\[2\] to be a list of 4 shard numbers in \[0, \d+\), found 'x'"),
     ("sizes too short", r"expected shard_sizes to be a list of byte counts, one per shard"),
-    ("no version", r"expected format 'emkd-teacher-cache' version 1 or 2, found 'emkd-teacher-cache' version nothing"),
+    ("no version",
+     r"expected format 'emkd-teacher-cache' version 1, 2 or 3, found 'emkd-teacher-cache' version nothing"),
 ])
 def test_a_broken_index_is_named(ws, copy, capsys, how, message):
     text = (copy / INDEX_FILE).read_text()

@@ -6,6 +6,8 @@ import math
 import re
 import statistics
 
+from pathlib import Path
+
 import pytest
 from scipy import stats
 
@@ -226,6 +228,7 @@ def test_cli_reproduce_options():
     assert parser.parse_args(["reproduce", "--no-budgets"]).budgets == ()
     assert parser.parse_args(["reproduce", "--budgets", "", "--seeds", "3,4"]).budgets == ()
     assert parser.parse_args(["reproduce", "--budgets", "4,64"]).budgets == (4, 64)
+    assert defaults.jobs == 1 and parser.parse_args(["reproduce", "--jobs", "2"]).jobs == 2
     with pytest.raises(SystemExit):
         parser.parse_args(["reproduce", "--seeds", "0,x"])
 
@@ -258,6 +261,24 @@ def test_reproduce_quick_two_seeds_and_two_budgets(tmp_path):
     assert sum(t["kind"] == "phase2" for t in rep.timings) == 2 * (len(rep.scores) + len(BUDGET_ROWS))
     assert (tmp_path / "rep" / "seed1" / "tokens4" / "emkd" / "eval.json").is_file()
     assert any("1 seed(s) to go, about" in line for line in lines)
+
+
+def test_reproduce_jobs_runs_seeds_in_processes_and_keeps_seed_order(tmp_path):
+    """``--jobs 2``: two seeds trained at once in spawned processes; every result lands under its seed, in order."""
+    lines = []
+    rep = run_reproduce(tmp_path / "rep", seeds=(1, 0), steps=2, results_md=None, print_fn=lines.append, quick=True,
+                        budgets=(4,), tables=False, jobs=2)
+    assert rep.command.endswith("--no-tables --jobs 2") and rep.jobs == 2
+    for name in BUDGET_ROWS:
+        models = [Path(r.model) for r in rep.budgets[4][name]]
+        assert [m.parts[-4] for m in models] == ["seed1", "seed0"], models
+        assert all(m.parts[-3] == "tokens4" for m in models)
+    assert [t["seed"] for t in rep.timings if t["kind"] == "phase1"] == [1, 0]
+    assert len(rep.timings) == 2 * (1 + len(BUDGET_ROWS))
+    assert any(re.search(r"2 seeds at a time, \d+ torch thread\(s\) each", line) for line in lines)
+    assert "seeds trained at once" in rep.markdown
+    with pytest.raises(UserError, match="--jobs must be at least 1"):
+        run_reproduce(tmp_path / "x", seeds=(0,), results_md=None, jobs=0)
 
 
 def test_results_markdown_of_a_budgets_only_run():

@@ -49,11 +49,16 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--no-tables", dest="tables", action="store_false",
                      help="run the token budgets only (no Table 2 / Table 3 variants)")
     rep.add_argument("--quick", action="store_true", help="a tiny budget, to check the pipeline")
+    rep.add_argument("--jobs", type=int, default=1,
+                     help="seeds trained at once, each in its own process with CPU cores / JOBS torch threads "
+                     "(default: 1)")
     rep.set_defaults(func=_run_reproduce)
 
     train = sub.add_parser("train", help="train a student from a YAML recipe", epilog=TRAIN_EXIT_CODES,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
     train.add_argument("recipe", nargs="?", help="YAML recipe (see recipes/); omit to start from defaults")
+    train.add_argument("--help-method", metavar="METHOD",
+                       help="print METHOD's loss, flags and loss options (type, default, meaning) and exit")
     train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                        help="override a recipe key, e.g. --set method=kd --set data.train=train.json")
     where = train.add_mutually_exclusive_group()
@@ -86,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     cache = sub.add_parser("cache-teacher", help="run a teacher once over training data and store what the losses "
                            "need (train with --set teacher_cache=DIR)")
-    from emkd.training.teacher_cache import add_cache_arguments, run_cache_teacher
+    from emkd.cache.cli import add_cache_arguments, run_cache_teacher
 
     add_cache_arguments(cache)
     cache.set_defaults(func=run_cache_teacher)
@@ -122,7 +127,7 @@ def _run_reproduce(args: argparse.Namespace) -> int:
     from emkd.demo.reproduce import run_reproduce
 
     run_reproduce(args.out, seeds=args.seeds, steps=args.steps, results_md=args.results, quick=args.quick,
-                  budgets=args.budgets, tables=args.tables)
+                  budgets=args.budgets, tables=args.tables, jobs=args.jobs)
     return 0
 
 
@@ -144,6 +149,15 @@ def _run_train(args: argparse.Namespace) -> int:
     from emkd.training.config import load_recipe
     from emkd.training.run import train
 
+    if args.help_method:
+        from emkd.errors import UserError
+        from emkd.training.methods import describe_method
+
+        try:
+            print(describe_method(args.help_method))
+        except ValueError as e:
+            raise UserError(f"--help-method: {e}") from None
+        return 0
     config = load_recipe(args.recipe, args.overrides)
     source = args.recipe or "the recipe (defaults and --set)"
     try:

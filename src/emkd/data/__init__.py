@@ -5,12 +5,15 @@
   every problem with file and line; image paths stay inside the image folder unless the caller opts out).
 * :mod:`emkd.data.render`: the ``chat`` and ``plain`` templates, tokenization with exact assistant-only labels and
   instruction masks, and :func:`render_pair` (one conversation, two vision sides, identical text tokens).
-* :mod:`emkd.data.collate`: :class:`PairDataset` (validates upfront, renders lazily) and :class:`PairCollator`.
+* :mod:`emkd.data.dataset`: :class:`PairDataset` (validates upfront, renders lazily; the scan is remembered across
+  runs).
+* :mod:`emkd.data.collate`: :class:`PairCollator`.
 * :mod:`emkd.data.check`: ``emkd data check`` (:func:`check_file`, :func:`run_check`).
 """
 
-from emkd.data.check import CheckReport, CountingSide, add_check_arguments, check_file, main_check, run_check, scan_file
-from emkd.data.collate import ON_BAD_SAMPLE, PairCollator, PairDataset
+from emkd.data.check import CheckReport, CountingSide, add_check_arguments, check_file, run_check, scan_file
+from emkd.data.collate import PairCollator
+from emkd.data.dataset import ON_BAD_SAMPLE, PairDataset
 from emkd.data.records import (
     IMAGE_MARKER,
     PROBLEM_KINDS,
@@ -51,7 +54,6 @@ __all__ = [
     "add_check_arguments",
     "check_file",
     "load_images",
-    "main_check",
     "read_objects",
     "read_records",
     "render_pair",

@@ -246,10 +246,3 @@ def run_check(args: argparse.Namespace) -> int:
         return 2
     print(report.format(args.limit))
     return 0 if report.ok else 1
-
-
-def main_check(argv: list[str] | None = None) -> int:
-    """``emkd data check FILE [--images DIR] [...]`` as a function of its arguments; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="emkd data check", description="Validate a training data file.")
-    add_check_arguments(parser)
-    return run_check(parser.parse_args(argv))

@@ -15,6 +15,7 @@ from emkd.losses.head import head_divergences
 from emkd.losses.kd import KDLoss, KDOutput
 from emkd.losses.llava_kd import LlavaKDLoss, LlavaKDOutput
 from emkd.losses.normalisation import LossTerms, Term
+from emkd.losses.sft import SFTLoss, SFTOutput
 
 __all__ = [
     "EMKDLoss",
@@ -24,6 +25,8 @@ __all__ = [
     "LlavaKDLoss",
     "LlavaKDOutput",
     "LossTerms",
+    "SFTLoss",
+    "SFTOutput",
     "Term",
     "additive_attention_mask",
     "forward_kl",

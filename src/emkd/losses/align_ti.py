@@ -23,10 +23,8 @@ from emkd.chunking import DEFAULT_CHUNK_SIZE, check_implementation
 from emkd.inputs import DistillInputs, check_pair, zero_like_graph
 from emkd.losses.divergence import forward_kl
 from emkd.losses.head import head_divergences
-from emkd.losses.llava_kd import paired_logits, resolve_matching
-from emkd.matching.pairing import pair_batch, pair_indices
+from emkd.matching.pairing import IVA_MATCHINGS, pair_batch, pair_indices, paired_logits, resolve_matching
 
-IVA_MATCHINGS = ("auto", "identity", "hungarian_logits", "hungarian_hidden")
 #: Align-TI's normalisation of KD, TPA and IVA (SPEC §6): ``token_sum`` (the paper: each sums over its tokens, then
 #: the mean over samples) or ``token_mean`` (each is a mean over its tokens)
 NORMALISATIONS = ("token_sum", "token_mean")

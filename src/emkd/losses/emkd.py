@@ -30,7 +30,7 @@ from emkd.losses.divergence import reverse_kl
 from emkd.losses.head import response_and_row_divergences
 from emkd.losses.normalisation import LossTerms, Term, combine, inputs_counts
 from emkd.losses.response import response_logits, sum_or_zero
-from emkd.matching.pairing import MATCHINGS, VisionPairs, pair_batch, pair_indices
+from emkd.matching.pairing import MATCHINGS, VisionPairs, check_assignment, pair_batch, pair_indices, paired_logits
 
 VSD_TARGETS = ("logits", "hidden")
 #: what VSD and VLAD are divided by: every sample of the batch (``batch``, Listing 1) or the samples with a pair
@@ -99,7 +99,10 @@ class EMKDLoss(torch.nn.Module):
         beta: weight of VSD (paper: 0.25).
         gamma: weight of VLAD (paper: 25).
         temperature: softmax temperature of VSD and RLD (``p = softmax(z / T)``, no ``T**2`` factor).
-        matching: ``hungarian_logits`` (paper) | ``hungarian_hidden`` | ``avgpool`` | ``identity`` (Table 3b).
+        matching: ``hungarian_logits`` (paper) | ``hungarian_hidden`` | ``avgpool`` | ``identity`` (Table 3b):
+            :data:`emkd.matching.pairing.MATCHINGS`.
+        assignment: the solver of the Hungarian matchings (Eq. 1), ``auto`` (SciPy) | ``scipy`` | ``auction``
+            (batched, on the costs' device): :func:`emkd.matching.hungarian_match`'s ``backend``.
         vsd_target: ``logits`` (paper, reverse KL) | ``hidden`` (Table 3c: ``MSE(P h_s, h_t)`` per pair, with ``P``
             passed as ``projector=`` when the call needs one).
         vocab: ``strict`` raises when the heads' vocabulary sizes differ; ``crop`` cuts both to the smaller.
@@ -129,6 +132,7 @@ class EMKDLoss(torch.nn.Module):
         implementation: str = "fused",
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         vision_reduction: str = "batch",
+        assignment: str = "auto",
     ) -> None:
         super().__init__()
         check_implementation(implementation)
@@ -136,6 +140,7 @@ class EMKDLoss(torch.nn.Module):
             raise ValueError(f"vision_reduction must be one of {VISION_REDUCTIONS}, got {vision_reduction!r}")
         if matching not in MATCHINGS:
             raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
+        check_assignment(assignment)
         if vsd_target not in VSD_TARGETS:
             raise ValueError(f"vsd_target must be one of {VSD_TARGETS}, got {vsd_target!r}")
         if vocab not in VOCAB_POLICIES:
@@ -143,15 +148,15 @@ class EMKDLoss(torch.nn.Module):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.alpha, self.beta, self.gamma, self.temperature = alpha, beta, gamma, temperature
-        self.matching, self.vsd_target, self.vocab = matching, vsd_target, vocab
+        self.matching, self.assignment, self.vsd_target, self.vocab = matching, assignment, vsd_target, vocab
         self.implementation, self.chunk_size = implementation, chunk_size
         self.vision_reduction = vision_reduction
 
     def extra_repr(self) -> str:
         return (
             f"alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, temperature={self.temperature}, "
-            f"matching={self.matching!r}, vsd_target={self.vsd_target!r}, vocab={self.vocab!r}, "
-            f"implementation={self.implementation!r}, vision_reduction={self.vision_reduction!r}"
+            f"matching={self.matching!r}, assignment={self.assignment!r}, vsd_target={self.vsd_target!r}, "
+            f"vocab={self.vocab!r}, implementation={self.implementation!r}, vision_reduction={self.vision_reduction!r}"
         )
 
     def forward(
@@ -161,7 +166,7 @@ class EMKDLoss(torch.nn.Module):
         anchor = student.hidden
 
         # Matching and VLAD, per sample.
-        paired = pair_batch(student, teacher, self.matching, self.implementation, self.chunk_size)
+        paired = pair_batch(student, teacher, self.matching, self.implementation, self.chunk_size, self.assignment)
         matches = pair_indices(paired, anchor.device)
         pairs_by_sample = [pairs for pairs in paired if pairs is not None]
         vlad_inputs = []
@@ -238,10 +243,5 @@ class EMKDLoss(torch.nn.Module):
             if hs.shape != ht.shape:
                 raise ValueError(f"projected student {tuple(hs.shape)} != teacher {tuple(ht.shape)}")
             return F.mse_loss(hs, ht)
-        zs = pairs.student_logits if pairs.student_logits is not None else student.logits(pairs.student_hidden)
-        if pairs.teacher_logits is not None:
-            zt = pairs.teacher_logits
-        else:
-            with torch.no_grad():
-                zt = teacher.logits(pairs.teacher_hidden)
+        zs, zt = paired_logits(pairs, student, teacher)  # (M, V), (M, V)
         return reverse_kl(zs, zt, self.temperature).mean()  # (M,) -> scalar

@@ -29,26 +29,14 @@ from emkd.losses.fused import fused_head_gram
 from emkd.losses.head import response_and_row_divergences
 from emkd.losses.normalisation import LossTerms, Term, combine, inputs_counts
 from emkd.losses.response import response_logits, sum_or_zero
-from emkd.matching.pairing import MATCHINGS, VisionPairs, pair_batch, pair_indices
-
-LLAVA_KD_MATCHINGS = ("auto",) + MATCHINGS
-
-
-def resolve_matching(matching: str, ns: int, nt: int) -> str:
-    """``auto`` pairs ``i <-> i`` for balanced tokens and matches on vision logits otherwise."""
-    if matching != "auto":
-        return matching
-    return "identity" if ns == nt else "hungarian_logits"
-
-
-def paired_logits(pairs: VisionPairs, student: DistillInputs, teacher: DistillInputs) -> tuple[torch.Tensor, torch.Tensor]:
-    """Student ``[M, V]`` (with gradient) and teacher ``[M, V]`` (without) logits of matched vision tokens."""
-    zs = pairs.student_logits if pairs.student_logits is not None else student.logits(pairs.student_hidden)
-    if pairs.teacher_logits is not None:
-        return zs, pairs.teacher_logits
-    with torch.no_grad():
-        zt = teacher.logits(pairs.teacher_hidden)
-    return zs, zt
+from emkd.matching.pairing import (
+    AUTO_MATCHINGS,
+    VisionPairs,
+    check_assignment,
+    pair_batch,
+    pair_indices,
+    paired_logits,
+)
 
 
 def relation_term(zs: torch.Tensor, zt: torch.Tensor) -> torch.Tensor:
@@ -88,7 +76,10 @@ class LlavaKDLoss(torch.nn.Module):
         alpha: weight of RES; beta: weight of VIS; gamma: weight of REL (paper: 1, 1, 0.5).
         temperature: softmax temperature of RES and VIS.
         matching: ``auto`` (identity when a sample's counts are equal, else ``hungarian_logits``) or any EM-KD
-            matching (``hungarian_logits``, ``hungarian_hidden``, ``avgpool``, ``identity``).
+            matching (``hungarian_logits``, ``hungarian_hidden``, ``avgpool``, ``identity``):
+            :data:`emkd.matching.pairing.AUTO_MATCHINGS`.
+        assignment: the solver of the Hungarian matchings, ``auto`` (SciPy) | ``scipy`` | ``auction`` (batched, on
+            the costs' device): :func:`emkd.matching.hungarian_match`'s ``backend``.
         vocab: ``strict`` | ``crop``, as for :class:`emkd.EMKDLoss`.
         implementation: ``fused`` (default: CE, RES and VIS in one chunked pass over the heads, REL's Gram matrices
             summed over vocabulary chunks) | ``naive`` (full ``[N, V]`` logits, the reference).
@@ -108,32 +99,33 @@ class LlavaKDLoss(torch.nn.Module):
         vocab: str = "strict",
         implementation: str = "fused",
         chunk_size: int = DEFAULT_CHUNK_SIZE,
+        assignment: str = "auto",
     ) -> None:
         super().__init__()
         check_implementation(implementation)
-        if matching not in LLAVA_KD_MATCHINGS:
-            raise ValueError(f"matching must be one of {LLAVA_KD_MATCHINGS}, got {matching!r}")
+        if matching not in AUTO_MATCHINGS:
+            raise ValueError(f"matching must be one of {AUTO_MATCHINGS}, got {matching!r}")
+        check_assignment(assignment)
         if vocab not in VOCAB_POLICIES:
             raise ValueError(f"vocab must be one of {VOCAB_POLICIES}, got {vocab!r}")
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.alpha, self.beta, self.gamma, self.temperature = alpha, beta, gamma, temperature
-        self.matching, self.vocab = matching, vocab
+        self.matching, self.assignment, self.vocab = matching, assignment, vocab
         self.implementation, self.chunk_size = implementation, chunk_size
 
     def extra_repr(self) -> str:
         return (
             f"alpha={self.alpha}, beta={self.beta}, gamma={self.gamma}, temperature={self.temperature}, "
-            f"matching={self.matching!r}, vocab={self.vocab!r}, implementation={self.implementation!r}"
+            f"matching={self.matching!r}, assignment={self.assignment!r}, vocab={self.vocab!r}, "
+            f"implementation={self.implementation!r}"
         )
 
     def forward(self, student: DistillInputs, teacher: DistillInputs) -> LlavaKDOutput:
         student, teacher = check_pair(student, teacher, self.vocab)
         anchor = student.hidden
 
-        n_s, n_t = student.vision_mask.sum(1), teacher.vision_mask.sum(1)
-        matchings = [resolve_matching(self.matching, int(n_s[b]), int(n_t[b])) for b in range(student.batch_size)]
-        paired = pair_batch(student, teacher, matchings, self.implementation, self.chunk_size)
+        paired = pair_batch(student, teacher, self.matching, self.implementation, self.chunk_size, self.assignment)
         matches = pair_indices(paired, anchor.device)
         pairs_by_sample = [pairs for pairs in paired if pairs is not None]
 

@@ -6,7 +6,8 @@ device and solves a whole batch at once; its total cost is within ``1e-9`` times
 optimum (the optimum itself for integer-valued costs). ``"auto"`` is SciPy: on this project's CPU measurements the
 auction is 180-450x slower than SciPy (``benchmarks/matching_bench.py``), and it has not been timed on a GPU, where
 a batch of two 144 x 729 problems takes about 240 rounds of small kernels against a 0.4 MB copy to the host for
-SciPy. Choose ``"auction"`` explicitly for large batches on a GPU, after measuring.
+SciPy. Choose ``"auction"`` explicitly for large batches on a GPU, after measuring: the losses take it as
+``assignment="auction"`` (a recipe's ``loss.assignment``).
 """
 
 from __future__ import annotations

@@ -10,6 +10,11 @@ every vision loss then consumes:
   is an average and the head is affine, so the logits of pooled hidden states equal pooled logits: VSD on pooled
   logits and VLAD on pooled hidden states are both served by pooling the hidden states.
 * ``identity``: ``i <-> i`` (LLaVA-KD with balanced tokens; needs ``Ns == Nt``).
+* ``auto`` (LLaVA-KD, Align-TI's IVA): ``identity`` for a sample whose counts are equal, else ``hungarian_logits``
+  (:func:`resolve_matching`, per sample).
+
+The two Hungarian strategies solve their assignment with the backend ``assignment=`` names, one of
+:data:`emkd.matching.hungarian.BACKENDS`: ``auto`` (SciPy), ``scipy`` or ``auction`` (batched, on the costs' device).
 
 With ``implementation="fused"`` the logit cost is accumulated over vocabulary chunks from the hidden states and the
 heads (:func:`emkd.matching.cost.head_l1_cost`) and no logits are returned; ``"naive"`` builds both sides' ``[N, V]``
@@ -29,9 +34,15 @@ import torch.nn.functional as F
 from emkd.chunking import DEFAULT_CHUNK_SIZE, check_implementation
 from emkd.inputs import DistillInputs
 from emkd.matching.cost import head_l1_cost, l1_cost
-from emkd.matching.hungarian import hungarian_match
+from emkd.matching.hungarian import BACKENDS, hungarian_match, hungarian_match_batch
 
+#: the pairing strategies of SPEC §2 (EM-KD Table 3b); ``EMKDLoss``'s ``matching``
 MATCHINGS = ("hungarian_logits", "hungarian_hidden", "avgpool", "identity")
+#: ``auto`` and every strategy: LLaVA-KD's ``matching`` (SPEC §4) and what the match quality measures
+AUTO_MATCHINGS = ("auto", *MATCHINGS)
+#: Align-TI's IVA weighs each pair by the attention of ONE teacher token (SPEC §6): every matching whose pairs are
+#: tokens, so not ``avgpool`` (its teacher side is a pooled segment)
+IVA_MATCHINGS = tuple(m for m in AUTO_MATCHINGS if m != "avgpool")
 
 
 @dataclass
@@ -55,6 +66,34 @@ class VisionPairs:
         return int(self.idx_s.numel())
 
 
+def check_assignment(assignment: str) -> None:
+    """Raise ``ValueError`` unless ``assignment`` is one of the backends of :func:`hungarian_match` (``BACKENDS``)."""
+    if assignment not in BACKENDS:
+        raise ValueError(f"assignment must be one of {BACKENDS}, got {assignment!r}")
+
+
+def resolve_matching(matching: str, ns: int, nt: int) -> str:
+    """The strategy that pairs a sample of ``ns`` student and ``nt`` teacher vision tokens: ``matching`` itself, or
+    for ``auto`` ``identity`` when the counts are equal (LLaVA-KD) and ``hungarian_logits`` otherwise (LLaVA-KD*)."""
+    if matching != "auto":
+        return matching
+    return "identity" if ns == nt else "hungarian_logits"
+
+
+def paired_logits(
+    pairs: VisionPairs, student: DistillInputs, teacher: DistillInputs
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Student ``[M, V]`` (with gradient) and teacher ``[M, V]`` (without) logits of matched vision tokens, in pair
+    order: the rows matching already decoded (``implementation="naive"``), else decoded here from the pairs' hidden
+    states through each side's head (``z = h W^T (+ b)``, SPEC §1)."""
+    zs = pairs.student_logits if pairs.student_logits is not None else student.logits(pairs.student_hidden)
+    if pairs.teacher_logits is not None:
+        return zs, pairs.teacher_logits
+    with torch.no_grad():
+        zt = teacher.logits(pairs.teacher_hidden)
+    return zs, zt
+
+
 def _pool_tokens(x: torch.Tensor, length: int) -> torch.Tensor:
     """``[N, D] -> [length, D]`` by 1D adaptive average pooling over the token axis."""
     if x.shape[0] == length:
@@ -69,16 +108,22 @@ def pair_vision_tokens(
     matching: str,
     implementation: str = "fused",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    assignment: str = "auto",
 ) -> VisionPairs | None:
-    """Pair sample ``b``'s vision tokens; ``None`` when either side has none (the sample adds nothing)."""
+    """Pair sample ``b``'s vision tokens; ``None`` when either side has none (the sample adds nothing).
+
+    ``matching`` is one of :data:`AUTO_MATCHINGS`; ``assignment`` (``BACKENDS``) solves the Hungarian ones.
+    """
     check_implementation(implementation)
-    if matching not in MATCHINGS:
-        raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
+    check_assignment(assignment)
+    if matching not in AUTO_MATCHINGS:
+        raise ValueError(f"matching must be one of {AUTO_MATCHINGS}, got {matching!r}")
     vs = student.vision_tokens(b)  # (Ns, Ds)
     vt = teacher.vision_tokens(b).detach()  # (Nt, Dt)
     ns, nt = vs.shape[0], vt.shape[0]
     if ns == 0 or nt == 0:
         return None
+    matching = resolve_matching(matching, ns, nt)
     device = vs.device
 
     if matching == "identity":
@@ -100,19 +145,19 @@ def pair_vision_tokens(
                 f"matching='hungarian_hidden' needs equal hidden sizes, student Ds={vs.shape[1]}, teacher "
                 f"Dt={vt.shape[1]}; use matching='hungarian_logits'"
             )
-        idx_s, idx_t = hungarian_match(l1_cost(vs, vt))
+        idx_s, idx_t = hungarian_match(l1_cost(vs, vt), assignment)
         return VisionPairs(vs[idx_s], vt[idx_t], idx_s, idx_t)
 
     # hungarian_logits: decode both sides through their heads and match on raw logits.
     if implementation == "fused":
         cost = head_l1_cost(vs, student.head_weight, student.head_bias, vt, teacher.head_weight, teacher.head_bias,
                             chunk_size)  # (Ns, Nt)
-        idx_s, idx_t = hungarian_match(cost)
+        idx_s, idx_t = hungarian_match(cost, assignment)
         return VisionPairs(vs[idx_s], vt[idx_t], idx_s, idx_t)
     zs = student.logits(vs)  # (Ns, V)
     with torch.no_grad():
         zt = teacher.logits(vt)  # (Nt, V)
-    idx_s, idx_t = hungarian_match(l1_cost(zs, zt))
+    idx_s, idx_t = hungarian_match(l1_cost(zs, zt), assignment)
     return VisionPairs(vs[idx_s], vt[idx_t], idx_s, idx_t, zs[idx_s], zt[idx_t])
 
 
@@ -122,14 +167,18 @@ def pair_batch(
     matching: str | list[str],
     implementation: str = "fused",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    assignment: str = "auto",
 ) -> list[VisionPairs | None]:
-    """:func:`pair_vision_tokens` for every sample (``matching`` one name, or one per sample).
+    """:func:`pair_vision_tokens` for every sample (``matching`` one name, or one per sample; ``auto`` is resolved
+    per sample by :func:`resolve_matching`).
 
     With the fused implementation, the ``hungarian_logits`` costs of samples that have the same token counts are
     computed together: one chunked pass over the heads and one batched ``cdist`` per group instead of one per sample
-    (the same numbers; what a batch of fixed-resolution images needs).
+    (the same numbers; what a batch of fixed-resolution images needs), and each group's assignments are solved by
+    one :func:`~emkd.matching.hungarian.hungarian_match_batch` call (one padded batch for ``assignment="auction"``).
     """
     check_implementation(implementation)
+    check_assignment(assignment)
     per_sample = [matching] * student.batch_size if isinstance(matching, str) else list(matching)
     if len(per_sample) != student.batch_size:
         raise ValueError(f"pair_batch: {len(per_sample)} matchings for a batch of {student.batch_size}")
@@ -137,17 +186,16 @@ def pair_batch(
     groups: dict[tuple[int, int], list[int]] = defaultdict(list)
     for b, name in enumerate(per_sample):
         ns, nt = student.vision_tokens(b).shape[0], teacher.vision_tokens(b).shape[0]
-        if implementation == "fused" and name == "hungarian_logits" and ns > 0 and nt > 0:
+        if implementation == "fused" and resolve_matching(name, ns, nt) == "hungarian_logits" and ns > 0 and nt > 0:
             groups[(ns, nt)].append(b)
         else:
-            out[b] = pair_vision_tokens(student, teacher, b, name, implementation, chunk_size)
+            out[b] = pair_vision_tokens(student, teacher, b, name, implementation, chunk_size, assignment)
     for members in groups.values():
         vs = torch.stack([student.vision_tokens(b) for b in members])  # (G, Ns, Ds)
         vt = torch.stack([teacher.vision_tokens(b) for b in members]).detach()  # (G, Nt, Dt)
         costs = head_l1_cost(vs, student.head_weight, student.head_bias, vt, teacher.head_weight, teacher.head_bias,
                              chunk_size)  # (G, Ns, Nt)
-        for g, b in enumerate(members):
-            idx_s, idx_t = hungarian_match(costs[g])
+        for g, (b, (idx_s, idx_t)) in enumerate(zip(members, hungarian_match_batch(list(costs), assignment))):
             out[b] = VisionPairs(student.vision_tokens(b)[idx_s], vt[g][idx_t], idx_s, idx_t)
     return out
 

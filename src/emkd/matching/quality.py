@@ -47,13 +47,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from emkd.matching.pairing import MATCHINGS
+from emkd.matching.pairing import AUTO_MATCHINGS, resolve_matching
 from emkd.models.student_side import EfficientMLLMSide
 
 logger = logging.getLogger(__name__)
 
-#: the matchings :func:`batch_window_hits` understands: SPEC §2's, and ``auto`` (LLaVA-KD, Align-TI's IVA)
-MEASURED_MATCHINGS = ("auto",) + MATCHINGS
 # image-processor settings that decide where a pixel of the original image lands in the tower's square view
 _LAYOUT_ATTRIBUTES = ("do_resize", "size", "do_center_crop", "crop_size", "do_pad", "pad_size")
 
@@ -211,13 +209,8 @@ class WindowHits:
 
 
 def _resolve(matching: str, ns: int, nt: int) -> str:
-    if matching not in MEASURED_MATCHINGS:
-        raise ValueError(f"matching must be one of {MEASURED_MATCHINGS}, got {matching!r}")
-    if matching != "auto":
-        return matching
-    # imported here: emkd.losses imports this package, so the losses load after it
-    from emkd.losses.llava_kd import resolve_matching
-
+    if matching not in AUTO_MATCHINGS:
+        raise ValueError(f"matching must be one of {AUTO_MATCHINGS}, got {matching!r}")
     return resolve_matching(matching, ns, nt)
 
 
@@ -316,7 +309,7 @@ def pooling_geometry(student_adapter: Any, teacher_adapter: Any) -> torch.Tensor
     vision tokens are not pools of the teacher's patch grid.
 
     Read once per run from the adapters' vision sides (``adapter.side``; a teacher read from a cache,
-    :class:`~emkd.training.teacher_cache.CachedTeacher`, carries the teacher's side too). The windows are those of
+    :class:`~emkd.cache.CachedTeacher`, carries the teacher's side too). The windows are those of
     :func:`pooling_windows` for ``p = pool_size`` and ``g = patch_grid`` when both sides are this project's
     :class:`~emkd.models.EfficientMLLMForCausalLM`. ``None``, with the reason logged at INFO, when:
 
@@ -343,7 +336,6 @@ def pooling_geometry(student_adapter: Any, teacher_adapter: Any) -> torch.Tensor
 
 
 __all__ = [
-    "MEASURED_MATCHINGS",
     "WindowHits",
     "adaptive_segments",
     "avgpool_pairing",

@@ -5,6 +5,10 @@
   once per side with it, so the text is tokenized once, identically, and only the image tokens differ.
 * :class:`DistillAdapter` runs one model on its side of a collated batch and returns what a loss needs
   (:class:`emkd.DistillInputs`, SPEC §1), plus, on request, the head-averaged attention of one layer (Align-TI).
+  What Align-TI needs beyond that is part of the interface too: a forward under the ribbon mask and position ids
+  (:meth:`DistillAdapter.augmented_forward`) and attention recording around any forward
+  (:meth:`DistillAdapter.recording_attention`). An adapter that cannot do one of them raises a one-line
+  ``NotImplementedError`` naming itself and what it cannot do.
 
 The student (:mod:`emkd.models.student`) and every supported teacher (:mod:`emkd.models.teachers`) implement both.
 """
@@ -12,12 +16,14 @@ The student (:mod:`emkd.models.student`) and every supported teacher (:mod:`emkd
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from emkd.inputs import DistillInputs
+from emkd.models.attention import AttentionRecord
 
 
 class VisionSide(ABC):
@@ -64,10 +70,17 @@ class DistillAdapter(ABC):
 
     A side of a batch is a dict with ``input_ids``, ``attention_mask``, ``labels`` and ``instruction_mask``
     (all ``[B, L]``) plus the collated image inputs of :meth:`VisionSide.collate_image_inputs`.
+
+    Attributes:
+        model: the model (for a teacher: frozen).
+        side: its :class:`VisionSide`.
+        image_keys: the keys of a batch side that hold image inputs the model's forward takes; the other keys
+            (``labels``, ``instruction_mask``, Align-TI's bookkeeping) stay out of it.
     """
 
     model: torch.nn.Module
     side: VisionSide
+    image_keys: tuple[str, ...] = ()
 
     @abstractmethod
     def __call__(self, batch: dict[str, torch.Tensor], attention_layer: int | None = None) -> AdapterOutput:
@@ -77,7 +90,48 @@ class DistillAdapter(ABC):
     @property
     def num_layers(self) -> int:
         """Number of decoder layers (for Align-TI's IRS over layers)."""
-        raise NotImplementedError
+        raise self.unsupported("num_layers (a count of decoder layers)")
+
+    def images_of(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """The entries of ``batch`` under :attr:`image_keys`, unchanged."""
+        return {key: batch[key] for key in self.image_keys if key in batch}
+
+    def recording_attention(self, layer: int) -> AbstractContextManager[AttentionRecord]:
+        """A context manager that records the head-averaged attention probabilities ``[B, L, L]`` (float32) of
+        decoder layer ``layer`` (negative counts from the end) during the forwards run inside it, as
+        ``record.attention`` (:func:`emkd.models.attention.recorded_attention`: eager attention for the block, the
+        previous implementation restored however it exits). Align-TI's IRS (Eq. 3) and IVA weights (Eq. 4).
+
+        Raises:
+            NotImplementedError: this adapter cannot record attention (the default).
+        """
+        raise self.unsupported("recording attention probabilities (Align-TI's IRS and IVA)")
+
+    def check_augmented_forward(self) -> None:
+        """Return when :meth:`augmented_forward` can run this model; raise ``NotImplementedError`` (one line,
+        naming the adapter and the reason) when it cannot, before any model runs (the default)."""
+        raise self.unsupported("the augmented forward of Align-TI's TPA (an additive 4D mask with position ids)")
+
+    def augmented_forward(self, batch: dict[str, Any], model: torch.nn.Module | None = None) -> torch.Tensor:
+        """Final-norm hidden states ``[B, T, D]`` of the model on an augmented batch (Align-TI Fig. 9; SPEC §6).
+
+        Args:
+            batch: :func:`emkd.training.align_ti.build_tpa_batch`'s output: ``input_ids`` ``[B, T]``,
+                ``attention_mask`` ``[B, 1, T, T]`` additive float mask (0 allowed, ``finfo.min`` masked; cast to the
+                model's dtype here), ``position_ids`` ``[B, T]`` (the ribbon's), the image inputs under
+                :attr:`image_keys`, and bookkeeping the forward ignores.
+            model: runs the forward instead of :attr:`model` when given (a DDP wrapper). Gradients flow as the
+                caller's autograd mode says.
+
+        Raises:
+            NotImplementedError: :meth:`check_augmented_forward` refuses this model.
+        """
+        self.check_augmented_forward()
+        raise self.unsupported("the augmented forward of Align-TI's TPA")
+
+    def unsupported(self, what: str) -> NotImplementedError:
+        """The one-line error an adapter raises for a capability it lacks: ``"<class> does not support <what>"``."""
+        return NotImplementedError(f"{type(self).__name__} does not support {what}")
 
 
 def tokenizer_identity(tokenizer: Any) -> tuple[str, str]:

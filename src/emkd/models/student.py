@@ -441,7 +441,8 @@ class EfficientMLLMForCausalLM(PreTrainedModel, GenerationMixin):
                 ``head_fn_output``. A distillation loss that reads the LM head's weight runs here: under FSDP the
                 root unit's parameters, the head among them, are whole only during the root's forward, and under
                 DeepSpeed ZeRO-3 the head weight is registered as an external parameter of this module
-                (:func:`emkd.training.trainer.prepare_for_sharding`).
+                (:func:`emkd.training.trainer.register_head_for_zero3`, called by
+                :meth:`~emkd.training.trainer.DistillTrainer.compute_loss` before the first step's forward).
         """
         del cache_position
         cache = pop_cache(kwargs)

@@ -16,8 +16,7 @@ A student directory holds the model, tokenizer and image processor, all written 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,6 +25,7 @@ from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from emkd.inputs import DistillInputs
+from emkd.models.attention import AttentionRecord, cast_additive_mask, recorded_attention
 from emkd.models.base import AdapterOutput, DistillAdapter, VisionSide
 from emkd.models.student import EfficientMLLMConfig, EfficientMLLMForCausalLM
 
@@ -134,37 +134,6 @@ def _pad_views(views: list[torch.Tensor]) -> torch.Tensor:
 
 
 # ---- adapter ----------------------------------------------------------------------------------------------------
-@contextmanager
-def recorded_attention(model: EfficientMLLMForCausalLM, layer: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the head-averaged attention probabilities ``[B, L, L]`` of decoder layer ``layer`` (negative counts
-    from the end) during the forwards run inside the block; the result is ``record["attention"]``.
-
-    Attention probabilities exist only in the "eager" implementation, so the language model is switched to it for
-    the block and switched back afterwards (the vision tower keeps its own). Eager and SDPA agree up to float
-    rounding, so the hidden states of a recorded call may differ from an unrecorded one in the last bits.
-    """
-    layers = model.get_decoder().layers
-    if not -len(layers) <= layer < len(layers):
-        raise ValueError(f"attention_layer={layer} is out of range for a decoder with {len(layers)} layers")
-    record: dict[str, torch.Tensor] = {}
-
-    def hook(_module, _args, output):
-        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-        if weights is None:
-            raise RuntimeError(f"decoder layer {layer}'s attention returned no weights under eager attention")
-        record["attention"] = weights.mean(dim=1)  # (B, H, L, L) -> (B, L, L)
-
-    lm = model.language_model
-    previous = lm.config._attn_implementation
-    lm.set_attn_implementation("eager")
-    handle = layers[layer].self_attn.register_forward_hook(hook)
-    try:
-        yield record
-    finally:
-        handle.remove()
-        lm.set_attn_implementation(previous)
-
-
 class EfficientMLLMAdapter(DistillAdapter):
     """Runs the student on its side of a collated batch and returns :class:`~emkd.models.base.AdapterOutput`.
 
@@ -174,6 +143,8 @@ class EfficientMLLMAdapter(DistillAdapter):
         return_logits: also return the full ``[B, L, V]`` logits (``AdapterOutput.logits``). The losses only need
             ``hidden`` and the head; pass ``False`` at real vocabulary sizes to skip the ``B x L x V`` tensor.
     """
+
+    image_keys = IMAGE_KEYS
 
     def __init__(self, model: EfficientMLLMForCausalLM, side: EfficientMLLMSide, return_logits: bool = True) -> None:
         self.model = model
@@ -191,7 +162,8 @@ class EfficientMLLMAdapter(DistillAdapter):
         model: torch.nn.Module | None = None,
         loss_fn: Callable[[DistillInputs], Any] | None = None,
     ) -> AdapterOutput:
-        """Forward the student; ``attention_layer`` asks for that decoder layer's head-averaged attention.
+        """Forward the student; ``attention_layer`` asks for that decoder layer's head-averaged attention
+        (:meth:`recording_attention`).
 
         ``model`` runs the forward instead of ``self.model`` when given: a trainer passes its wrapped model
         (DDP, FSDP, DeepSpeed) so that gradients are synchronised.
@@ -201,37 +173,64 @@ class EfficientMLLMAdapter(DistillAdapter):
         Without sharding, calling the loss on ``inputs`` afterwards is the same computation.
         """
         runner = self.model if model is None else model
-        images = {k: batch[k] for k in IMAGE_KEYS if k in batch}
-
-        def build(hidden: torch.Tensor, vision_mask: torch.Tensor, head: torch.nn.Module) -> DistillInputs:
-            return DistillInputs(
-                hidden=hidden,
-                head_weight=head.weight,
-                vision_mask=vision_mask,
-                attention_mask=batch["attention_mask"],
-                labels=batch["labels"],
-                head_bias=head.bias,
-                instruction_mask=batch.get("instruction_mask"),
-            )
-
         kwargs = dict(
             input_ids=batch["input_ids"],
             attention_mask=batch["attention_mask"],
             use_cache=False,
             return_logits=self.return_logits,
-            **images,
+            **self.images_of(batch),
         )
         if loss_fn is not None:
-            kwargs["head_fn"] = lambda hidden, vision_mask, head: loss_fn(build(hidden, vision_mask, head))
+            kwargs["head_fn"] = lambda hidden, vision, head: loss_fn(self._inputs(batch, hidden, vision, head))
         attention = None
         if attention_layer is None:
             out = runner(**kwargs)
         else:
-            with recorded_attention(self.model, attention_layer) as record:
+            with self.recording_attention(attention_layer) as record:
                 out = runner(**kwargs)
-            attention = record["attention"]  # (B, L, L)
-        inputs = build(out.hidden, out.vision_mask, self.model.get_output_embeddings())
+            attention = record.attention  # (B, L, L)
+        inputs = self._inputs(batch, out.hidden, out.vision_mask, self.model.get_output_embeddings())
         return AdapterOutput(inputs=inputs, attention=attention, logits=out.logits, loss_output=out.head_fn_output)
+
+    @staticmethod
+    def _inputs(
+        batch: dict[str, torch.Tensor], hidden: torch.Tensor, vision_mask: torch.Tensor, head: torch.nn.Module
+    ) -> DistillInputs:
+        """The student's :class:`~emkd.DistillInputs` for ``batch``: the forward's final-norm ``hidden`` ``[B, L, D]``,
+        the positions it filled with image features ``vision_mask`` ``[B, L]``, and the LM head."""
+        return DistillInputs(
+            hidden=hidden,
+            head_weight=head.weight,
+            vision_mask=vision_mask,
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            head_bias=head.bias,
+            instruction_mask=batch.get("instruction_mask"),
+        )
+
+    def recording_attention(self, layer: int) -> AbstractContextManager[AttentionRecord]:
+        """:func:`emkd.models.attention.recorded_attention` of the student's language model (its vision tower keeps
+        its own implementation)."""
+        return recorded_attention(self.model, layer)
+
+    def check_augmented_forward(self) -> None:
+        """The student class takes an additive 4D mask and 1D position ids: always supported."""
+
+    def augmented_forward(self, batch: dict[str, Any], model: torch.nn.Module | None = None) -> torch.Tensor:
+        """See :meth:`~emkd.models.base.DistillAdapter.augmented_forward`; the mask is cast to the dtype of the
+        input embeddings."""
+        runner = self.model if model is None else model
+        dtype = self.model.get_input_embeddings().weight.dtype
+        device = batch["input_ids"].device
+        out = runner(
+            input_ids=batch["input_ids"],
+            attention_mask=cast_additive_mask(batch["attention_mask"], dtype, device),
+            position_ids=batch["position_ids"],
+            use_cache=False,
+            return_logits=False,
+            **self.images_of(batch),
+        )
+        return out.hidden  # (B, T, D)
 
 
 def load_student(
@@ -270,5 +269,4 @@ __all__ = [
     "load_student",
     "load_student_side",
     "processor_output_size",
-    "recorded_attention",
 ]

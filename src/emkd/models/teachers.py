@@ -25,11 +25,12 @@ could disagree. ``"EfficientMLLMForCausalLM"`` (this project's student architect
 as the teacher of a smaller one) is loaded through :func:`emkd.models.student_side.load_student`.
 
 Attention for Align-TI. ``adapter(batch, attention_layer=l)`` returns the head-averaged attention of decoder layer
-``l`` (``[B, L, L]``). It is read by a forward hook on that one layer's attention module, not through
-``output_attentions=True``, which would keep every layer's ``[B, H, L, L]`` weights alive (28 layers of a 7B teacher
-at 3,000 tokens are tens of GB). Only the eager implementation computes the weights, so for such a call the language
-model is switched to eager attention and switched back afterwards (as the student adapter does); the other calls
-keep the implementation the teacher was loaded with (``load_teacher(path, attn_implementation=...)``).
+``l`` (``[B, L, L]``), and ``adapter.recording_attention(l)`` records it around any forward (Align-TI's augmented
+pass). Both go through :mod:`emkd.models.attention`: a forward hook on that one layer's attention module, under eager
+attention for that call only; the other calls keep the implementation the teacher was loaded with
+(``load_teacher(path, attn_implementation=...)``). ``adapter.augmented_forward`` runs the TPA batch (additive 4D
+mask, ribbon position ids) on LLaVA-family teachers and refuses Qwen2-VL / Qwen2.5-VL, whose 3D M-RoPE position ids
+are computed from the token layout (:data:`MROPE_MODEL_TYPES`).
 
 Hidden states. ``hidden`` is ``outputs.hidden_states[-1]``, which ``transformers`` ties to the decoder's
 ``last_hidden_state`` — the output of the final norm, exactly what the LM head consumes (the tests check
@@ -39,8 +40,8 @@ Hidden states. ``hidden`` is ``outputs.hidden_states[-1]``, which ``transformers
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,11 @@ import transformers
 from transformers import AutoImageProcessor, AutoTokenizer
 
 from emkd.inputs import DistillInputs
+from emkd.models.attention import AttentionRecord, cast_additive_mask, recorded_attention
 from emkd.models.base import AdapterOutput, DistillAdapter, VisionSide
+
+#: model types whose position ids are 3D (M-RoPE): they cannot take Align-TI's ribbon position ids
+MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 # Extra tokens a vision tower puts before its patch tokens (CLIP's CLS); the ``default`` strategy removes one.
 EXTRA_VISION_TOKENS = {"clip_vision_model": 1, "siglip_vision_model": 0}
@@ -273,38 +278,6 @@ def _check_pinpoints(image_processor: Any, config: Any) -> None:
 # ---- adapter ----------------------------------------------------------------------------------------------------
 
 
-@contextmanager
-def recorded_attention(model: torch.nn.Module, layer: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Record the head-averaged attention probabilities ``[B, L, L]`` (float32) of decoder layer ``layer``
-    (negative counts from the end) during the forwards run inside the block, as ``record["attention"]``.
-
-    Only the eager implementation computes attention probabilities, so the language model is switched to it for the
-    block and switched back afterwards (the vision tower keeps its own). Eager and SDPA agree up to float rounding.
-    """
-    decoder = model.get_decoder()
-    layers = decoder.layers
-    if not -len(layers) <= layer < len(layers):
-        raise ValueError(f"attention_layer={layer} is out of range for a decoder with {len(layers)} layers")
-    record: dict[str, torch.Tensor] = {}
-
-    def keep(module: torch.nn.Module, args: Any, output: Any) -> None:
-        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-        if weights is None:
-            raise RuntimeError(f"decoder layer {layer}'s attention returned no weights under eager attention")
-        record["attention"] = weights.float().mean(dim=1)  # [B, H, L, L] -> [B, L, L]
-
-    previous = decoder.config._attn_implementation
-    if previous != "eager":
-        decoder.set_attn_implementation("eager")
-    handle = layers[layer].self_attn.register_forward_hook(keep)
-    try:
-        yield record
-    finally:
-        handle.remove()
-        if previous != "eager":
-            decoder.set_attn_implementation(previous)
-
-
 class HFTeacherAdapter(DistillAdapter):
     """Runs a Hugging Face multimodal LLM on its side of a batch and shows the loss what it produced.
 
@@ -318,7 +291,7 @@ class HFTeacherAdapter(DistillAdapter):
     """
 
     # image inputs any of the sides produces; other keys of the batch (labels, instruction_mask) stay out of forward
-    IMAGE_KEYS = ("pixel_values", "image_sizes", "batch_num_images", "image_grid_thw")
+    image_keys = ("pixel_values", "image_sizes", "batch_num_images", "image_grid_thw")
 
     def __init__(
         self, model: torch.nn.Module, side: VisionSide, mm_token_type_ids: bool = False, return_logits: bool = True
@@ -339,10 +312,9 @@ class HFTeacherAdapter(DistillAdapter):
             "input_ids": batch["input_ids"].to(device),
             "attention_mask": batch["attention_mask"].to(device),
         }
-        for key in self.IMAGE_KEYS:
-            if key in batch:
-                value = batch[key].to(device)
-                inputs[key] = value.to(dtype) if value.is_floating_point() else value
+        for key, value in self.images_of(batch).items():
+            value = value.to(device)
+            inputs[key] = value.to(dtype) if value.is_floating_point() else value
         if self.mm_token_type_ids:
             # 0 = text, 1 = image (M-RoPE groups runs of image tokens and gives them 3D positions)
             inputs["mm_token_type_ids"] = (inputs["input_ids"] == self.side.image_token_id).int()
@@ -355,7 +327,7 @@ class HFTeacherAdapter(DistillAdapter):
             batch: ``input_ids``, ``attention_mask``, ``labels``, optional ``instruction_mask`` (``[B, L]``), and the
                 collated image inputs of :meth:`VisionSide.collate_image_inputs`.
             attention_layer: decoder layer whose head-averaged attention ``[B, L, L]`` to return (the decoder runs
-                eager attention for this call, see :func:`recorded_attention`).
+                eager attention for this call, see :meth:`recording_attention`).
         """
         inputs = self.model_inputs(batch)
         # keep only the last hidden state (the final-norm output); all logits unless the caller opted out
@@ -366,9 +338,9 @@ class HFTeacherAdapter(DistillAdapter):
                 out = self.model(**inputs, **forward)
             attention = None
         else:
-            with torch.no_grad(), recorded_attention(self.model, attention_layer) as record:
+            with torch.no_grad(), self.recording_attention(attention_layer) as record:
                 out = self.model(**inputs, **forward)
-            attention = record["attention"]  # [B, L, L]
+            attention = record.attention  # [B, L, L]
 
         input_ids = inputs["input_ids"]
         head = self.model.get_output_embeddings()
@@ -383,6 +355,35 @@ class HFTeacherAdapter(DistillAdapter):
             instruction_mask=None if instruction_mask is None else instruction_mask.to(input_ids.device),
         )
         return AdapterOutput(inputs=distill, attention=attention, logits=out.logits if self.return_logits else None)
+
+    def recording_attention(self, layer: int) -> AbstractContextManager[AttentionRecord]:
+        """:func:`emkd.models.attention.recorded_attention` of the teacher's language model (its vision tower keeps
+        its own implementation)."""
+        return recorded_attention(self.model, layer)
+
+    def check_augmented_forward(self) -> None:
+        """LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision (Qwen2 language models take a custom 4D mask and 1D position ids,
+        in both "sdpa" and "eager") are supported; M-RoPE models raise ``NotImplementedError``."""
+        model_type = getattr(self.model.config, "model_type", None)
+        if model_type in MROPE_MODEL_TYPES or self.mm_token_type_ids:
+            raise NotImplementedError(
+                f"Align-TI's TPA is not supported for {type(self.model).__name__} (model_type {model_type!r}): its 3D "
+                "M-RoPE position ids are computed from the token layout and cannot take the ribbon position ids. Use a "
+                "LLaVA-family teacher, or train this teacher's student without TPA."
+            )
+
+    def augmented_forward(self, batch: dict[str, Any], model: torch.nn.Module | None = None) -> torch.Tensor:
+        """See :meth:`~emkd.models.base.DistillAdapter.augmented_forward`; inputs go through :meth:`model_inputs`
+        (device, pixels in the model's dtype), the mask is cast to the model's dtype, and the model computes the
+        logits of the last position only."""
+        self.check_augmented_forward()
+        inputs = self.model_inputs({k: v for k, v in batch.items() if isinstance(v, torch.Tensor)})
+        device = inputs["input_ids"].device
+        inputs["attention_mask"] = cast_additive_mask(batch["attention_mask"], self.model.dtype, device)
+        inputs["position_ids"] = batch["position_ids"].to(device)
+        runner = self.model if model is None else model
+        out = runner(**inputs, output_hidden_states=[-1], use_cache=False, return_dict=True, logits_to_keep=1)
+        return out.hidden_states[-1]  # (B, T, D), the final-norm output
 
 
 # ---- registry and loading ---------------------------------------------------------------------------------------

@@ -38,14 +38,18 @@ Layout choices (the SPEC is silent on them):
   a sampled image token would change the number of image tokens the models must fill.
 * With ``vocab="crop"`` candidates are sampled from the first ``min(V_s, V_t)`` logits, so both models know them.
 
-Supported models: the project's student class (as student or teacher) and Hugging Face LLaVA-1.5, LLaVA-NeXT and
-LLaVA-OneVision teachers (Qwen2 language models take a custom 4D mask and 1D position ids, in both "sdpa" and
-"eager"). Qwen2-VL / Qwen2.5-VL teachers are refused with ``NotImplementedError``: their 3D M-RoPE position ids
-are computed from the token layout and cannot take the ribbon position ids.
+Models are reached only through the :class:`~emkd.models.base.DistillAdapter` interface: the augmented passes call
+``adapter.augmented_forward`` (refused up front by ``adapter.check_augmented_forward``) and IVA's weights come from
+``adapter.recording_attention``. The project's student class (as student or teacher) and Hugging Face LLaVA-1.5,
+LLaVA-NeXT and LLaVA-OneVision teachers implement them (Qwen2 language models take a custom 4D mask and 1D position
+ids, in both "sdpa" and "eager"). Qwen2-VL / Qwen2.5-VL teachers refuse with ``NotImplementedError``: their 3D
+M-RoPE position ids are computed from the token layout and cannot take the ribbon position ids. An adapter without
+these methods (a teacher read from a cache) refuses with a one-line ``NotImplementedError`` naming it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -53,7 +57,6 @@ import torch
 from emkd.chunking import check_implementation
 from emkd.inputs import IGNORE_INDEX, VOCAB_POLICIES, DistillInputs, check_pair
 from emkd.losses.align_ti import (
-    IVA_MATCHINGS,
     NORMALISATIONS,
     check_normalisation,
     instruction_vision_attention,
@@ -64,12 +67,8 @@ from emkd.losses.divergence import forward_kl
 from emkd.losses.head import response_and_row_divergences
 from emkd.losses.normalisation import LossTerms, Term, combine, inputs_counts
 from emkd.losses.response import sum_or_zero
+from emkd.matching.pairing import IVA_MATCHINGS
 from emkd.models.base import DistillAdapter
-from emkd.models.student_side import IMAGE_KEYS as STUDENT_IMAGE_KEYS
-from emkd.models.student_side import EfficientMLLMAdapter
-from emkd.models.student_side import recorded_attention as recorded_student_attention
-from emkd.models.teachers import HFTeacherAdapter
-from emkd.models.teachers import recorded_attention as recorded_teacher_attention
 
 SAMPLINGS = ("nucleus", "greedy")
 # config attributes that hold ids of vision placeholders; none of them may be sampled as a candidate
@@ -81,10 +80,91 @@ VISION_TOKEN_ATTRS = (
     "vision_start_token_id",
     "vision_end_token_id",
 )
-# model types whose position ids are 3D (M-RoPE) and cannot take the ribbon's 1D position ids
-MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 # rows of logits handled at once by sample_candidates (sorting [R, V] at V = 151,936 is large)
 _SAMPLE_CHUNK = 64
+
+
+# ---- options and result -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TPAOptions:
+    """How :func:`tpa_losses` samples and scores TPA's candidates (Align-TI Eq. 5-7, Algorithm 1; SPEC §6); the
+    defaults are the paper's. ``ValueError`` names an invalid field.
+
+    Attributes:
+        num_candidates: ``d >= 1`` candidates per supervised response token.
+        sampling: ``"nucleus"`` or ``"greedy"`` (:func:`sample_candidates`).
+        top_p: nucleus mass in ``(0, 1]``.
+        temperature: of the KL's softmax (SPEC §1), ``> 0``; the candidates are always drawn at temperature 1.
+        vocab: ``"strict"`` or ``"crop"`` (SPEC §1).
+        implementation: ``"fused"`` (CE, KD and TPA over vocabulary chunks, no ``[R (d + 1), V]`` logits) or
+            ``"naive"`` (full logits, the reference).
+        teacher_attention_layer: also record the teacher's head-averaged attention of this decoder layer in its
+            augmented pass (IVA's weights ``a_{l*}(x)``; negative counts from the end); ``None``: no recording.
+    """
+
+    num_candidates: int = 4
+    sampling: str = "nucleus"
+    top_p: float = 0.9
+    temperature: float = 1.0
+    vocab: str = "strict"
+    implementation: str = "fused"
+    teacher_attention_layer: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.num_candidates < 1:
+            raise ValueError(f"num_candidates must be >= 1, got {self.num_candidates}")
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.vocab not in VOCAB_POLICIES:
+            raise ValueError(f"vocab must be one of {VOCAB_POLICIES}, got {self.vocab!r}")
+        check_implementation(self.implementation)
+
+
+@dataclass
+class TPATotals:
+    """The float32 sums (scalar tensors) behind :class:`TPAResult`'s means, what :func:`align_ti_step` normalises:
+    ``ce`` and ``kd`` over the ``R`` response positions, ``tpa`` over the ``R d`` candidates."""
+
+    ce: torch.Tensor
+    kd: torch.Tensor
+    tpa: torch.Tensor
+
+
+@dataclass
+class TPAResult:
+    """What :func:`tpa_losses` computed; a field can also be read by name, ``result["kd"]``.
+
+    Attributes:
+        ce: the student's mean cross-entropy over the ``R`` response positions (augmented pass; equals a normal
+            pass's).
+        kd: mean ``KL(p_t || p_s)`` over the response positions (teacher-forced, from the augmented passes).
+        tpa: mean ``KL(p_t || p_s)`` over supervised ``k`` and ``u`` at ``c_k^(u)`` (Eq. 7).
+        totals: the sums behind the three means.
+        student, teacher: :class:`~emkd.DistillInputs` of the augmented passes in the ORIGINAL layout (the
+            student's carries the gradient).
+        candidates: ``[R, d]`` long, the candidate ids.
+        sampling_logits: ``[R, V_s]``, the sampling pass's student logits at the response positions.
+        student_batch, teacher_batch: the augmented batches of :func:`build_tpa_batch`.
+        teacher_attention: ``[B, L, L]`` head-averaged teacher attention of ``teacher_attention_layer`` in the
+            original layout (a ground-truth query gives every candidate exactly zero weight, so these rows equal a
+            normal pass's), or ``None``.
+    """
+
+    ce: torch.Tensor
+    kd: torch.Tensor
+    tpa: torch.Tensor
+    totals: TPATotals
+    student: DistillInputs
+    teacher: DistillInputs
+    candidates: torch.Tensor
+    sampling_logits: torch.Tensor
+    student_batch: dict[str, Any]
+    teacher_batch: dict[str, Any]
+    teacher_attention: torch.Tensor | None = None
 
 
 # ---- candidates -------------------------------------------------------------------------------------------------
@@ -284,33 +364,9 @@ def build_tpa_batch(
 
 # ---- running models on the augmented batch ----------------------------------------------------------------------
 def check_tpa_support(adapter: DistillAdapter) -> None:
-    """Raise ``NotImplementedError`` for a model that cannot run the augmented batch (custom mask + position ids).
-
-    Supported: :class:`~emkd.models.student_side.EfficientMLLMAdapter` (the student class, as student or teacher)
-    and :class:`~emkd.models.teachers.HFTeacherAdapter` around LLaVA-1.5 / LLaVA-NeXT / LLaVA-OneVision.
-    """
-    model = adapter.model
-    model_type = getattr(model.config, "model_type", None)
-    architecture = type(model).__name__
-    if model_type in MROPE_MODEL_TYPES or getattr(adapter, "mm_token_type_ids", False):
-        raise NotImplementedError(
-            f"Align-TI's TPA is not supported for {architecture} (model_type {model_type!r}): its 3D M-RoPE position "
-            "ids are computed from the token layout and cannot take the ribbon position ids. Use a LLaVA-family "
-            "teacher, or train this teacher's student without TPA."
-        )
-    if not isinstance(adapter, (EfficientMLLMAdapter, HFTeacherAdapter)):
-        raise NotImplementedError(
-            f"Align-TI's TPA cannot run {type(adapter).__name__} ({architecture}): only EfficientMLLMAdapter and "
-            "HFTeacherAdapter models are known to take a 4D additive mask and custom position ids"
-        )
-
-
-def _additive_mask(mask: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The float32 additive mask of :func:`build_tpa_batch` in the model's dtype (0 / ``finfo(dtype).min``)."""
-    mask = mask.to(device)
-    if mask.dtype == dtype:
-        return mask
-    return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(mask < 0, torch.finfo(dtype).min)
+    """Raise ``NotImplementedError`` for a model that cannot run the augmented batch (custom mask + position ids):
+    the adapter's :meth:`~emkd.models.base.DistillAdapter.check_augmented_forward`."""
+    adapter.check_augmented_forward()
 
 
 def augmented_hidden(
@@ -319,10 +375,11 @@ def augmented_hidden(
     """Final-norm hidden states ``[B, T, D]`` of ``adapter``'s model on an augmented batch of :func:`build_tpa_batch`.
 
     The 4D additive mask goes to the model as ``attention_mask`` (Hugging Face's mask preparation returns a 4D mask
-    as it is; "sdpa" and "eager" both add it to the scores) and the ribbon ids as ``position_ids``. Gradients flow
-    as the caller's autograd mode says; ``model`` replaces the adapter's model for the forward (a DDP wrapper).
+    as it is; "sdpa" and "eager" both add it to the scores) and the ribbon ids as ``position_ids``
+    (:meth:`~emkd.models.base.DistillAdapter.augmented_forward`). Gradients flow as the caller's autograd mode says;
+    ``model`` replaces the adapter's model for the forward (a DDP wrapper).
     """
-    return augmented_pass(adapter, aug, model)[0]
+    return adapter.augmented_forward(aug, model)
 
 
 def augmented_pass(
@@ -330,38 +387,13 @@ def augmented_pass(
     attention_layer: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`augmented_hidden`, plus the head-averaged attention ``[B, T, T]`` of decoder layer ``attention_layer``
-    (eager attention for the call) when one is asked for."""
-    check_tpa_support(adapter)
+    (:meth:`~emkd.models.base.DistillAdapter.recording_attention`: eager attention for the call) when one is asked
+    for."""
     if attention_layer is None:
-        return _augmented_forward(adapter, aug, model), None
-    recorder = recorded_student_attention if isinstance(adapter, EfficientMLLMAdapter) else recorded_teacher_attention
-    with recorder(adapter.model, attention_layer) as record:
-        hidden = _augmented_forward(adapter, aug, model)
-    return hidden, record["attention"]
-
-
-def _augmented_forward(adapter: DistillAdapter, aug: dict[str, Any], model: torch.nn.Module | None) -> torch.Tensor:
-    if isinstance(adapter, EfficientMLLMAdapter):
-        runner = adapter.model if model is None else model
-        dtype = adapter.model.get_input_embeddings().weight.dtype
-        device = aug["input_ids"].device
-        images = {k: aug[k] for k in STUDENT_IMAGE_KEYS if k in aug}
-        out = runner(
-            input_ids=aug["input_ids"],
-            attention_mask=_additive_mask(aug["attention_mask"], dtype, device),
-            position_ids=aug["position_ids"],
-            use_cache=False,
-            return_logits=False,
-            **images,
-        )
-        return out.hidden  # (B, T, D)
-    inputs = adapter.model_inputs({k: v for k, v in aug.items() if isinstance(v, torch.Tensor)})
-    device = inputs["input_ids"].device
-    inputs["attention_mask"] = _additive_mask(aug["attention_mask"], adapter.model.dtype, device)
-    inputs["position_ids"] = aug["position_ids"].to(device)
-    runner = adapter.model if model is None else model
-    out = runner(**inputs, output_hidden_states=[-1], use_cache=False, return_dict=True, logits_to_keep=1)
-    return out.hidden_states[-1]  # (B, T, D), the final-norm output
+        return adapter.augmented_forward(aug, model), None
+    with adapter.recording_attention(attention_layer) as record:
+        hidden = adapter.augmented_forward(aug, model)
+    return hidden, record.attention
 
 
 def _gather_attention(attention: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -375,6 +407,12 @@ def _gather_attention(attention: torch.Tensor, index: torch.Tensor) -> torch.Ten
 def _gather_positions(hidden: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``hidden[b, index[b, i]]``: ``[B, T, D]`` and ``[B, L]`` -> ``[B, L, D]``."""
     return hidden.gather(1, index.to(hidden.device)[..., None].expand(-1, -1, hidden.shape[-1]))
+
+
+def _candidate_hidden(hidden: torch.Tensor, aug: dict[str, Any]) -> torch.Tensor:
+    """``hidden`` at every candidate ``c_k^(u)``, sample-major then ``u``: ``[B, T, D]`` -> ``[R d, D]``."""
+    rows = hidden[aug["candidate_batch"].to(hidden.device)[:, None], aug["candidate_index"].to(hidden.device)]
+    return rows.reshape(-1, rows.shape[-1])  # (R, d, D) -> (R d, D)
 
 
 def _vision_ids(adapter: DistillAdapter) -> set[int]:
@@ -414,115 +452,147 @@ def _view(hidden: torch.Tensor, side_batch: dict[str, torch.Tensor], aug: dict[s
     )
 
 
+# ---- TPA and KD (Eq. 5-7) ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def _sampling_pass(
+    student_adapter: DistillAdapter,
+    teacher_adapter: DistillAdapter,
+    side_batch: dict[str, torch.Tensor],
+    options: TPAOptions,
+    generator: torch.Generator | None,
+) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    """Step 1, without gradient: the student's logits ``[R, V_s]`` at the response positions, the candidates
+    ``[R, d]`` drawn from them (never a vision placeholder of either model; ``vocab="crop"``: among the first
+    ``min(V_s, V_t)`` ids), and ``R_b`` of every sample."""
+    sampled = student_adapter(side_batch).inputs
+    v_s = sampled.vocab_size
+    v_t = teacher_adapter.model.get_output_embeddings().weight.shape[0]
+    if v_s != v_t and options.vocab == "strict":
+        raise ValueError(
+            f"vocabulary sizes differ: student head V={v_s}, teacher head V={v_t}; pass vocab='crop' to cut both "
+            "heads to the smaller size"
+        )
+    sampling_logits = sampled.logits(sampled.response_hidden())  # (R, V_s)
+    exclude = sorted(_vision_ids(student_adapter) | _vision_ids(teacher_adapter))
+    candidates = sample_candidates(
+        sampling_logits[:, : min(v_s, v_t)], options.num_candidates, options.sampling, options.top_p, generator, exclude
+    )  # (R, d)
+    return sampling_logits, candidates, sampled.response_mask.sum(1).tolist()
+
+
+def _row_losses(
+    student: DistillInputs, teacher: DistillInputs, c_s: torch.Tensor, c_t: torch.Tensor, options: TPAOptions
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row ``(CE [R], KL [R], KL [R d])``: the student's cross-entropy and ``KL(p_t || p_s)`` at the response
+    positions, and ``KL(p_t || p_s)`` at the candidate rows ``c_s [R d, Ds]`` / ``c_t [R d, Dt]``."""
+    if options.implementation == "fused":  # CE, KD and TPA in one chunked pass over the heads
+        response, candidate_rows = response_and_row_divergences(
+            student, teacher, [c_s], [c_t], "forward", options.temperature
+        )
+        return response["ce"], response["forward"], candidate_rows
+    z_s = student.logits(student.response_hidden())  # (R, V)
+    with torch.no_grad():
+        z_t = teacher.logits(teacher.response_hidden())  # (R, V)
+        zc_t = teacher.logits(c_t)  # (R d, V)
+    ce_rows = torch.nn.functional.cross_entropy(z_s, student.response_targets, reduction="none")  # (R,)
+    kd_rows = forward_kl(z_s, z_t, options.temperature)  # (R,)
+    return ce_rows, kd_rows, forward_kl(student.logits(c_s), zc_t, options.temperature)  # (R d,)
+
+
 def tpa_losses(
     student_adapter: DistillAdapter,
     teacher_adapter: DistillAdapter,
     batch: dict[str, dict[str, torch.Tensor]],
-    num_candidates: int = 4,
-    sampling: str = "nucleus",
-    top_p: float = 0.9,
+    options: TPAOptions | None = None,
+    *,
     generator: torch.Generator | None = None,
     student_model: torch.nn.Module | None = None,
-    temperature: float = 1.0,
-    vocab: str = "strict",
-    implementation: str = "fused",
-    teacher_attention_layer: int | None = None,
-) -> dict[str, Any]:
+) -> TPAResult:
     """KD and TPA of Align-TI (Eq. 5-7, Algorithm 1) with one sampling pass and one augmented pass per model.
 
     Args:
-        student_adapter, teacher_adapter: the two models (student first).
+        student_adapter, teacher_adapter: the two models (student first). Both run the augmented batch
+            (:meth:`~emkd.models.base.DistillAdapter.augmented_forward`, checked before any model runs); the teacher
+            records attention when ``teacher_attention_layer`` is set.
         batch: ``{"student": side, "teacher": side}`` of :class:`emkd.data.PairCollator`.
-        num_candidates, sampling, top_p, generator: see :func:`sample_candidates`.
+        options: :class:`TPAOptions` (default: the paper's).
+        generator: a ``torch.Generator`` for reproducible candidates (:func:`sample_candidates`).
         student_model: the (wrapped) student module the gradient pass runs through; default the adapter's.
-        temperature: of the KL's softmax (SPEC §1); the candidates are always drawn at temperature 1.
-        vocab: ``"strict"`` or ``"crop"`` (SPEC §1).
-        implementation: ``"fused"`` (CE, KD and TPA over vocabulary chunks, no ``[R (d + 1), V]`` logits) or
-            ``"naive"`` (full logits, the reference).
-        teacher_attention_layer: also record the teacher's head-averaged attention of this decoder layer in its
-            augmented pass, returned in the original layout as ``teacher_attention`` ``[B, L, L]`` (IVA's
-            weights: a ground-truth query gives every candidate exactly zero weight, so these rows equal a normal
-            pass's).
 
     Returns:
-        ``kd``: mean ``KL(p_t || p_s)`` over response positions (teacher-forced, from the augmented passes);
-        ``tpa``: mean ``KL(p_t || p_s)`` over supervised ``k`` and ``u`` at ``c_k^(u)``; ``ce``: the student's
-        mean cross-entropy over response positions (augmented pass; equals a normal pass's); ``totals``: the sums
-        behind these three means (``{"ce", "kd", "tpa"}``, over ``R``, ``R`` and ``R d`` rows: what
-        :func:`align_ti_step` normalises); ``student``, ``teacher``: :class:`~emkd.DistillInputs` of the augmented
-        passes in the ORIGINAL layout (the student's carries the gradient); ``candidates`` ``[R, d]``;
-        ``sampling_logits`` ``[R, V]``, the sampling pass's student logits at the response positions;
-        ``student_batch``, ``teacher_batch``: the augmented batches.
+        :class:`TPAResult`.
     """
-    if vocab not in VOCAB_POLICIES:
-        raise ValueError(f"vocab must be one of {VOCAB_POLICIES}, got {vocab!r}")
-    check_implementation(implementation)
+    options = TPAOptions() if options is None else options
     check_tpa_support(student_adapter)
     check_tpa_support(teacher_adapter)
     s_side, t_side = batch["student"], batch["teacher"]
+    d = options.num_candidates
 
     # 1. sampling pass (no gradient): the student's distribution for every supervised y_k
-    with torch.no_grad():
-        sampled = student_adapter(s_side).inputs
-        v_s = sampled.vocab_size
-        v_t = teacher_adapter.model.get_output_embeddings().weight.shape[0]
-        if v_s != v_t and vocab == "strict":
-            raise ValueError(
-                f"vocabulary sizes differ: student head V={v_s}, teacher head V={v_t}; pass vocab='crop' to cut both "
-                "heads to the smaller size"
-            )
-        sampling_logits = sampled.logits(sampled.response_hidden())  # (R, V_s)
-        exclude = _vision_ids(student_adapter) | _vision_ids(teacher_adapter)
-        candidates = sample_candidates(
-            sampling_logits[:, : min(v_s, v_t)], num_candidates, sampling, top_p, generator, sorted(exclude)
-        )  # (R, d)
-    per_sample = candidates.split(sampled.response_mask.sum(1).tolist())  # B x (R_b, d)
+    sampling_logits, candidates, counts = _sampling_pass(student_adapter, teacher_adapter, s_side, options, generator)
+    per_sample = list(candidates.split(counts))  # B x (R_b, d)
 
     # 2. augmented passes: student with gradient, teacher without
     pad_id = _pad_id(student_adapter)
-    s_aug = build_tpa_batch(s_side, list(per_sample), num_candidates, pad_token_id=pad_id)
-    t_aug = build_tpa_batch(t_side, list(per_sample), num_candidates, pad_token_id=pad_id)
+    s_aug = build_tpa_batch(s_side, per_sample, d, pad_token_id=pad_id)
+    t_aug = build_tpa_batch(t_side, per_sample, d, pad_token_id=pad_id)
     h_s = augmented_hidden(student_adapter, s_aug, model=student_model)  # (B, Ts, Ds)
     with torch.no_grad():
-        h_t, att_t = augmented_pass(teacher_adapter, t_aug, attention_layer=teacher_attention_layer)  # (B, Tt, Dt)
+        layer = options.teacher_attention_layer
+        h_t, att_t = augmented_pass(teacher_adapter, t_aug, attention_layer=layer)  # (B, Tt, Dt), (B, Tt, Tt)
 
     # 3. ground-truth tokens: the original layout, validated like every loss input
     student, teacher = check_pair(
-        _view(h_s, s_side, s_aug, student_adapter), _view(h_t, t_side, t_aug, teacher_adapter), vocab
+        _view(h_s, s_side, s_aug, student_adapter), _view(h_t, t_side, t_aug, teacher_adapter), options.vocab
     )
-    targets = student.response_targets  # (R,)
 
     # 4. candidates: P(. | x, y_<k, c_k^(u)) of both models, same (k, u) order on both sides
-    c_s = h_s[s_aug["candidate_batch"].to(h_s.device)[:, None], s_aug["candidate_index"].to(h_s.device)]  # (R, d, Ds)
+    c_s = _candidate_hidden(h_s, s_aug)  # (R d, Ds)
     with torch.no_grad():
-        c_t = h_t[t_aug["candidate_batch"].to(h_t.device)[:, None], t_aug["candidate_index"].to(h_t.device)]
-    c_s, c_t = c_s.reshape(-1, c_s.shape[-1]), c_t.reshape(-1, c_t.shape[-1]).to(c_s.device)  # (R d, Ds), (R d, Dt)
-    if implementation == "fused":  # CE, KD and TPA in one chunked pass over the heads
-        response, candidate_rows = response_and_row_divergences(student, teacher, [c_s], [c_t], "forward", temperature)
-        ce_rows, kd_rows = response["ce"], response["forward"]  # (R,), (R,)
-    else:
-        z_s = student.logits(student.response_hidden())  # (R, V)
-        with torch.no_grad():
-            z_t = teacher.logits(teacher.response_hidden())  # (R, V)
-            zc_t = teacher.logits(c_t)  # (R d, V)
-        ce_rows = torch.nn.functional.cross_entropy(z_s, targets, reduction="none")  # (R,)
-        kd_rows = forward_kl(z_s, z_t, temperature)  # (R,)
-        candidate_rows = forward_kl(student.logits(c_s), zc_t, temperature)  # (R d,)
-    totals = {"ce": sum_or_zero(ce_rows, h_s), "kd": sum_or_zero(kd_rows, h_s), "tpa": sum_or_zero(candidate_rows, h_s)}
-    R = int(targets.numel())
-    return {
-        "teacher_attention": None if att_t is None else _gather_attention(att_t, t_aug["index_map"]),
-        "kd": totals["kd"] / R if R else totals["kd"],
-        "tpa": totals["tpa"] / (R * num_candidates) if R else totals["tpa"],
-        "ce": totals["ce"] / R if R else totals["ce"],
-        "totals": totals,
-        "student": student,
-        "teacher": teacher,
-        "candidates": candidates,
-        "sampling_logits": sampling_logits,
-        "student_batch": s_aug,
-        "teacher_batch": t_aug,
-    }
+        c_t = _candidate_hidden(h_t, t_aug).to(c_s.device)  # (R d, Dt)
+    ce_rows, kd_rows, candidate_rows = _row_losses(student, teacher, c_s, c_t, options)
+    totals = TPATotals(sum_or_zero(ce_rows, h_s), sum_or_zero(kd_rows, h_s), sum_or_zero(candidate_rows, h_s))
+    R = int(student.response_targets.numel())
+    return TPAResult(
+        ce=totals.ce / R if R else totals.ce,
+        kd=totals.kd / R if R else totals.kd,
+        tpa=totals.tpa / (R * d) if R else totals.tpa,
+        totals=totals,
+        student=student,
+        teacher=teacher,
+        candidates=candidates,
+        sampling_logits=sampling_logits,
+        student_batch=s_aug,
+        teacher_batch=t_aug,
+        teacher_attention=None if att_t is None else _gather_attention(att_t, t_aug["index_map"]),
+    )
+
+
+# ---- the Align-TI step (Eq. 8) ----------------------------------------------------------------------------------
+def _iva_weights(parts: TPAResult) -> list[torch.Tensor]:
+    """IVA's weights ``a_{l*}(x)`` (``[Nt_b]`` per sample) from the teacher's augmented pass; zeros for a sample
+    without instruction tokens, which then adds 0 to IVA."""
+    teacher = parts.teacher
+    weights = instruction_vision_attention(parts.teacher_attention, teacher.vision_mask, teacher.instruction_mask)
+    n_t = teacher.vision_mask.sum(1)
+    return [w if w.numel() else torch.zeros(int(n_t[b]), device=w.device) for b, w in enumerate(weights)]
+
+
+def _loss_terms(parts: TPAResult, iva_sum: torch.Tensor, normalisation: str, num_candidates: int) -> LossTerms:
+    """The four sums of ``CE + IVA + KD + TPA`` and what each is divided by (:func:`align_ti_step`)."""
+    totals = parts.totals
+    if normalisation == "token_sum":
+        kd = Term(1.0, totals.kd, "samples")
+        tpa = Term(1.0, totals.tpa, "samples")
+        iva = Term(1.0, iva_sum, "samples")
+    else:  # a mean over the R d candidates is the mean over the R positions of each one's mean over its d
+        kd = Term(1.0, totals.kd, "response_tokens")
+        tpa = Term(1.0, totals.tpa / num_candidates, "response_tokens")
+        iva = Term(1.0, iva_sum, "vision_pairs")
+    return LossTerms(
+        {"ce": Term(1.0, totals.ce, "response_tokens"), "iva": iva, "kd": kd, "tpa": tpa},
+        inputs_counts(parts.student, parts.teacher),
+    )
 
 
 def align_ti_step(
@@ -548,8 +618,8 @@ def align_ti_step(
         batch: ``{"student": side, "teacher": side}``; both sides need ``instruction_mask`` (IVA's queries).
         iva_layer: teacher decoder layer ``l*`` of IVA's weights (``best_layer`` of :func:`emkd.training.irs.
             compute_irs`; negative counts from the end).
-        num_candidates, sampling, top_p, generator, student_model, temperature, vocab, implementation: see
-            :func:`tpa_losses`.
+        num_candidates, sampling, top_p, temperature, vocab, implementation: see :class:`TPAOptions`.
+        generator, student_model: see :func:`tpa_losses`.
         iva_matching: pairing of unbalanced vision tokens for IVA (:func:`~emkd.losses.align_ti.iva_loss`).
         normalisation: how KD, TPA and IVA are reduced, one rule for the three (SPEC §6; CE is always the mean
             cross-entropy over the batch's response positions):
@@ -572,38 +642,18 @@ def align_ti_step(
         normalises over an optimizer step).
     """
     check_normalisation(normalisation)
-    t_side = batch["teacher"]
-    if t_side.get("instruction_mask") is None:
+    if batch["teacher"].get("instruction_mask") is None:
         raise ValueError("align_ti_step needs batch['teacher']['instruction_mask'] (IVA's instruction tokens)")
-    parts = tpa_losses(
-        student_adapter, teacher_adapter, batch, num_candidates, sampling, top_p, generator, student_model,
-        temperature, vocab, implementation, teacher_attention_layer=iva_layer,
+    options = TPAOptions(num_candidates=num_candidates, sampling=sampling, top_p=top_p, temperature=temperature,
+                         vocab=vocab, implementation=implementation, teacher_attention_layer=iva_layer)
+    parts = tpa_losses(student_adapter, teacher_adapter, batch, options, generator=generator,
+                       student_model=student_model)
+    iva_sum, matches = iva_total(
+        parts.student, parts.teacher, _iva_weights(parts), iva_matching, temperature, vocab, implementation
     )
-    teacher = parts["teacher"]
-    weights = instruction_vision_attention(parts["teacher_attention"], teacher.vision_mask, teacher.instruction_mask)
-    n_t = teacher.vision_mask.sum(1)
-    weights = [w if w.numel() else torch.zeros(int(n_t[b]), device=w.device) for b, w in enumerate(weights)]
-    iva_sum, matches = iva_total(parts["student"], teacher, weights, iva_matching, temperature, vocab, implementation)
-    totals = parts["totals"]
-    if normalisation == "token_sum":
-        kd = Term(1.0, totals["kd"], "samples")
-        tpa = Term(1.0, totals["tpa"], "samples")
-        iva = Term(1.0, iva_sum, "samples")
-    else:  # a mean over the R d candidates is the mean over the R positions of each one's mean over its d
-        kd = Term(1.0, totals["kd"], "response_tokens")
-        tpa = Term(1.0, totals["tpa"] / num_candidates, "response_tokens")
-        iva = Term(1.0, iva_sum, "vision_pairs")
-    terms = LossTerms(
-        {"ce": Term(1.0, totals["ce"], "response_tokens"), "iva": iva, "kd": kd, "tpa": tpa},
-        inputs_counts(parts["student"], teacher),
-    )
+    terms = _loss_terms(parts, iva_sum, normalisation, num_candidates)
     values = terms.values()
-    components = {
-        **values,
-        "matches": matches,
-        "candidates": parts["candidates"],
-        "terms": terms,
-    }
+    components = {**values, "matches": matches, "candidates": parts.candidates, "terms": terms}
     return combine(terms, values), components
 
 
@@ -619,29 +669,23 @@ def check_options(
     **_: Any,
 ) -> None:
     """Check the values of :func:`align_ti_step`'s options without running it (the recipe's ``loss:`` mapping is
-    checked when it loads); ``ValueError`` names the option."""
-    if num_candidates < 1:
-        raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
-    if sampling not in SAMPLINGS:
-        raise ValueError(f"sampling must be one of {SAMPLINGS}, got {sampling!r}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+    checked when it loads); ``ValueError`` names the option (:class:`TPAOptions` checks TPA's)."""
+    TPAOptions(num_candidates=num_candidates, sampling=sampling, top_p=top_p, temperature=temperature, vocab=vocab,
+               implementation=implementation)
     if iva_matching not in IVA_MATCHINGS:
         raise ValueError(f"iva_matching must be one of {IVA_MATCHINGS}, got {iva_matching!r}")
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if vocab not in VOCAB_POLICIES:
-        raise ValueError(f"vocab must be one of {VOCAB_POLICIES}, got {vocab!r}")
-    check_implementation(implementation)
     check_normalisation(normalisation)
 
 
 __all__ = [
-    "MROPE_MODEL_TYPES",
     "NORMALISATIONS",
     "SAMPLINGS",
+    "TPAOptions",
+    "TPAResult",
+    "TPATotals",
     "align_ti_step",
     "augmented_hidden",
+    "augmented_pass",
     "build_tpa_batch",
     "check_options",
     "check_tpa_support",

@@ -15,11 +15,11 @@ from typing import Any
 
 import yaml
 
-from emkd.data.collate import ON_BAD_SAMPLE
+from emkd.data.dataset import ON_BAD_SAMPLE
 from emkd.data.render import TEMPLATES
 from emkd.errors import UserError
 from emkd.models.compose import DTYPES
-from emkd.training.methods import METHODS, check_loss_options  # the losses, not the models
+from emkd.training.methods import METHODS, check_loss_options, load_method_plugins  # the losses, not the models
 from emkd.training.options import type_fields
 from emkd.training.stages import PROJECTOR_ONLY, trained_parts
 
@@ -73,7 +73,7 @@ class DataConfig:
 class TrainConfig:
     method: str = _help(
         f"distillation method: a key of emkd.training.methods.METHODS ({', '.join(METHODS)}, or one added with "
-        "register_method)",
+        "register_method, or by an installed package's emkd.methods entry point)",
         default="emkd",
     )
     stage: str = _help(
@@ -144,6 +144,8 @@ class TrainConfig:
         if isinstance(self.data, dict):
             self.data = DataConfig(**self.data)
         type_fields(self)  # max_steps=1.5 or train_vision_tower=maybe is an error here, not a TypeError mid-step
+        if self.method not in METHODS:
+            load_method_plugins()  # methods of installed packages (entry points), once they are asked for
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {tuple(METHODS)}, got {self.method!r}")
         if self.stage not in STAGES:
@@ -292,7 +294,3 @@ def check_paths(config: TrainConfig, source: str = "the recipe") -> None:
     problems += [f"{k}={values[k]} does not exist" for k in absent]
     hints = "; ".join(f"{k}: {config.path_help.get(k, PATH_HINTS[k])}" for k in unset + absent)
     raise UserError(f"{source}: {', '.join(problems)} -- {hints}")
-
-
-def to_dict(config: TrainConfig) -> dict[str, Any]:
-    return dataclasses.asdict(config)

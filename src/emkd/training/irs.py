@@ -4,8 +4,8 @@ For every calibration sample ``x`` and decoder layer ``l``, ``a_l(x)`` is the te
 instruction tokens to the vision tokens, averaged over heads and instruction tokens
 (:func:`emkd.losses.align_ti.instruction_vision_attention`). All layers are recorded in ONE forward per batch: a
 forward hook on every layer's attention module reduces that layer's ``[B, H, L, L]`` weights to ``a_l(x)`` at once,
-so no ``[L, L]`` map outlives its layer. Attention weights exist only in the "eager" implementation, so the decoder
-is switched to it for the recording and switched back afterwards.
+so no ``[L, L]`` map outlives its layer (:func:`emkd.models.attention.hooked_attention`, which runs the decoder
+under eager attention for the recording and restores its implementation afterwards).
 
 Pairs. ``IRS(l) = 1 - mean cos(a_l(x1), a_l(x2))`` needs vectors of equal length, so only samples with the same
 number of vision tokens ``Nv`` are paired (with AnyRes teachers ``Nv`` depends on the image's aspect ratio). Among
@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from emkd.losses.align_ti import instruction_relevance_score, instruction_vision_attention
+from emkd.models.attention import hooked_attention
 from emkd.models.base import DistillAdapter
 
 IRS_JSON = "irs.json"
@@ -58,31 +59,14 @@ def recorded_instruction_attention(
         ``record[l]``: one ``[Nv_b]`` float32 tensor per sample (empty without instruction tokens), filled by the
         forward.
     """
-    decoder = model.get_decoder()
-    layers = decoder.layers
     record: dict[int, list[torch.Tensor]] = {}
 
-    def hook_for(index: int):
-        def keep(_module: torch.nn.Module, _args: Any, output: Any) -> None:
-            weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-            if weights is None:
-                raise RuntimeError(f"decoder layer {index}'s attention returned no weights under eager attention")
-            vm, im = vision_mask.to(weights.device), instruction_mask.to(weights.device)
-            record[index] = [a.cpu() for a in instruction_vision_attention(weights.detach(), vm, im)]
+    def keep(layer: int, weights: torch.Tensor) -> None:  # (B, H, L, L)
+        vm, im = vision_mask.to(weights.device), instruction_mask.to(weights.device)
+        record[layer] = [a.cpu() for a in instruction_vision_attention(weights.detach(), vm, im)]
 
-        return keep
-
-    previous = decoder.config._attn_implementation
-    if previous != "eager":
-        decoder.set_attn_implementation("eager")
-    handles = [layer.self_attn.register_forward_hook(hook_for(i)) for i, layer in enumerate(layers)]
-    try:
+    with hooked_attention(model, range(len(model.get_decoder().layers)), keep):
         yield record
-    finally:
-        for handle in handles:
-            handle.remove()
-        if previous != "eager":
-            decoder.set_attn_implementation(previous)
 
 
 def _allocate_pairs(group_pairs: list[int], num_pairs: int, seed: int) -> list[int]:
@@ -130,8 +114,35 @@ def compute_irs(
     """
     if num_pairs < 1:
         raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
+    by_nv, seen, skipped = _layer_vectors(teacher, batches, max_samples)
+    groups = {nv: len(v) for nv, v in sorted(by_nv.items())}
+    usable = [nv for nv, n in groups.items() if n >= 2]
+    if not usable:
+        raise ValueError(
+            f"IRS needs two samples with the same number of vision tokens; got {seen} samples ({skipped} skipped: no "
+            f"instruction token after a vision token), vision-token counts of the rest {groups}"
+        )
+    scores, used = _pooled_scores({nv: by_nv[nv] for nv in usable}, teacher.num_layers, num_pairs, seed)
+    return {
+        "scores": [float(s) for s in scores],
+        "best_layer": int(scores.argmax()),
+        "num_samples": sum(groups.values()),
+        "num_pairs": used,
+        "groups": {str(nv): n for nv, n in groups.items()},
+    }
+
+
+def _layer_vectors(
+    teacher: DistillAdapter, batches: Iterable[dict[str, torch.Tensor]], max_samples: int | None
+) -> tuple[dict[int, list[torch.Tensor]], int, int]:
+    """``a_l(x)`` of every layer for the first ``max_samples`` samples, one teacher forward per batch.
+
+    Returns:
+        ``(by_nv, seen, skipped)``: ``by_nv[Nv]`` holds one ``[num_layers, Nv]`` tensor per usable sample with ``Nv``
+        vision tokens; ``seen`` samples were read, ``skipped`` of them unusable (module docstring).
+    """
     num_layers = teacher.num_layers
-    by_nv: dict[int, list[torch.Tensor]] = {}  # Nv -> per sample [num_layers, Nv]
+    by_nv: dict[int, list[torch.Tensor]] = {}
     seen = skipped = 0
     for side in batches:
         if max_samples is not None and seen >= max_samples:
@@ -154,32 +165,25 @@ def compute_irs(
                 skipped += 1
                 continue
             by_nv.setdefault(vectors[0].numel(), []).append(torch.stack(vectors))  # (num_layers, Nv)
+    return by_nv, seen, skipped
 
-    groups = {nv: len(v) for nv, v in sorted(by_nv.items())}
-    usable = [nv for nv, n in groups.items() if n >= 2]
-    if not usable:
-        raise ValueError(
-            f"IRS needs two samples with the same number of vision tokens; got {seen} samples ({skipped} skipped: no "
-            f"instruction token after a vision token), vision-token counts of the rest {groups}"
-        )
-    available = [groups[nv] * (groups[nv] - 1) // 2 for nv in usable]
+
+def _pooled_scores(
+    by_nv: dict[int, list[torch.Tensor]], num_layers: int, num_pairs: int, seed: int
+) -> tuple[torch.Tensor, int]:
+    """``(scores [num_layers], pairs used)``: each ``Nv`` group's IRS over its share of ``num_pairs`` uniform draws
+    of equal-``Nv`` pairs, averaged weighted by its number of pairs (Align-TI Eq. 3; groups of >= 2 samples)."""
+    available = [len(v) * (len(v) - 1) // 2 for v in by_nv.values()]
     shares = _allocate_pairs(available, num_pairs, seed)
     total = torch.zeros(num_layers)
     used = 0
-    for nv, k in zip(usable, shares):
+    for vectors, k in zip(by_nv.values(), shares):
         if k == 0:
             continue
-        vectors = torch.stack(by_nv[nv], dim=1)  # (num_layers, N, Nv)
-        total += k * instruction_relevance_score(vectors, num_pairs=k, seed=seed)
+        stacked = torch.stack(vectors, dim=1)  # (num_layers, N, Nv)
+        total += k * instruction_relevance_score(stacked, num_pairs=k, seed=seed)
         used += k
-    scores = total / used  # (num_layers,)
-    return {
-        "scores": [float(s) for s in scores],
-        "best_layer": int(scores.argmax()),
-        "num_samples": sum(groups.values()),
-        "num_pairs": used,
-        "groups": {str(nv): n for nv, n in groups.items()},
-    }
+    return total / used, used  # (num_layers,)
 
 
 def format_scores(scores: list[float], layers: list[int]) -> list[str]:

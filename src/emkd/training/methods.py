@@ -44,11 +44,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
+from emkd.errors import UserError
 from emkd.inputs import IGNORE_INDEX
 from emkd.losses import EMKDLoss, KDLoss, LlavaKDLoss
-from emkd.losses.head import head_divergences
-from emkd.losses.normalisation import LossTerms, Term, combine, count_units, inputs_counts
-from emkd.losses.response import sum_or_zero
+from emkd.losses.normalisation import LossTerms, combine, count_units
+from emkd.losses.sft import SFTLoss
 from emkd.models.base import DistillAdapter
 from emkd.training.options import typed_value
 
@@ -256,32 +256,9 @@ def _typed_options(cls: type[Method], options: dict[str, Any]) -> dict[str, Any]
     return out
 
 
-@register_method
-class SFT(Method):
-    name = "sft"
-    needs_teacher = False
-    # cross-entropy only: its options are head_divergences' implementation and chunk_size
-    not_options = frozenset({"student", "hs", "teacher", "ht", "kinds", "temperature", "targets", "jsd_beta"})
-
-    @classmethod
-    def loss_callable(cls):
-        return head_divergences
-
-    def __call__(self, student, teacher, batch, model=None) -> StepOutput:
-        def loss_fn(inputs):
-            rows = head_divergences(inputs, inputs.response_hidden(), None, None, ("ce",),
-                                    targets=inputs.response_targets, **self.loss_kwargs)["ce"]  # (R,)
-            return LossTerms({"ce": Term(1.0, sum_or_zero(rows, inputs.hidden), "response_tokens")},
-                             inputs_counts(inputs))
-
-        terms = student(batch["student"], model=model, loss_fn=loss_fn).loss_output
-        ce = terms.loss()
-        return StepOutput(ce, {"loss": float(ce.detach()), "ce": float(ce.detach())}, terms)
-
-
-class _LossMethod(Method):
+class LossMethod(Method):
     """A method that is one loss module (``loss_class``, built with ``loss_defaults`` under the recipe's ``loss:``
-    values) applied to the two sides' DistillInputs."""
+    values) applied to the two sides' DistillInputs (``sft``: to the student's alone)."""
 
     loss_class: ClassVar[type[torch.nn.Module]]
     loss_defaults: ClassVar[dict[str, Any]] = {}
@@ -308,21 +285,41 @@ class _LossMethod(Method):
 
 
 @register_method
-class KD(_LossMethod):
+class SFT(LossMethod):
+    """Supervised fine-tuning: :class:`~emkd.losses.sft.SFTLoss` on the student's inputs, no teacher."""
+
+    name = "sft"
+    needs_teacher = False
+    loss_class = SFTLoss
+
+    def __call__(self, student, teacher, batch, model=None) -> StepOutput:
+        out = student(batch["student"], model=model, loss_fn=self.loss_fn).loss_output
+        return StepOutput(out.loss, out.components(), out.terms)
+
+
+@register_method
+class KD(LossMethod):
+    """Vanilla KD: ``CE + KL(p_t || p_s)`` on response tokens."""
+
     name = "kd"
     loss_class = KDLoss
     loss_defaults = {"divergence": "forward", "ce_weight": 1.0, "kd_weight": 1.0}
 
 
 @register_method
-class RKL(_LossMethod):
+class RKL(LossMethod):
+    """MiniLLM-style token-level reverse KL: ``0.5 CE + 0.5 KL(p_s || p_t)`` on response tokens."""
+
     name = "rkl"
     loss_class = KDLoss
     loss_defaults = {"divergence": "reverse", "ce_weight": 0.5, "kd_weight": 0.5}
 
 
 @register_method
-class LlavaKD(_LossMethod):
+class LlavaKD(LossMethod):
+    """LLaVA-KD: MDist (response and vision-token KL) + RDist (relation of vision logits); LLaVA-KD* (matched
+    tokens) when the two models' vision token counts differ."""
+
     name = "llava_kd"
     loss_class = LlavaKDLoss
 
@@ -376,7 +373,9 @@ class AlignTI(Method):
 
 
 @register_method
-class EMKD(_LossMethod):
+class EMKD(LossMethod):
+    """EM-KD: ``alpha SUP + (1 - alpha) RLD + beta VSD + gamma VLAD`` on Hungarian-matched vision tokens."""
+
     name = "emkd"
     loss_class = EMKDLoss
 
@@ -391,3 +390,105 @@ def resolve_iva_layer(config: TrainConfig) -> int:
             "or set irs_layer=N"
         )
     return int(json.loads(Path(config.irs_file).read_text())["best_layer"])
+
+
+# ---- methods from other packages ------------------------------------------------------------------------------------
+#: the entry-point group through which an installed package adds methods (``[project.entry-points."emkd.methods"]
+#: foo = "mypkg.foo:Foo"`` in its pyproject.toml): loading the entry imports the module, whose
+#: :func:`register_method` adds the class
+ENTRY_POINT_GROUP = "emkd.methods"
+
+
+def load_method_plugins() -> list[str]:
+    """Import every installed ``emkd.methods`` entry point once; return the names of the methods they registered.
+
+    Raises:
+        UserError: an entry point fails to import or does not register the method it names (the message names the
+            entry point and its package, so the user knows what to fix or uninstall).
+    """
+    from importlib.metadata import entry_points
+
+    added = []
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        if entry.name in METHODS:
+            continue
+        where = f"entry point {entry.name!r} = {entry.value!r} of package {getattr(entry.dist, 'name', '?')!r}"
+        try:
+            entry.load()
+        except Exception as e:  # any import error of third-party code: one line that names the package
+            raise UserError(f"{where} ({ENTRY_POINT_GROUP}) failed to load: {type(e).__name__}: {e}") from e
+        if entry.name not in METHODS:
+            raise UserError(f"{where} ({ENTRY_POINT_GROUP}) registered no method {entry.name!r}: decorate its "
+                            f"class with emkd.training.methods.register_method and give it name = {entry.name!r}")
+        added.append(entry.name)
+    return added
+
+
+# ---- what a method offers, for `emkd train --help-method NAME` -----------------------------------------------------
+def describe_method(name: str) -> str:
+    """A method's loss, flags and loss options (type, default, what the loss's docstring says of each), as printed by
+    ``emkd train --help-method NAME``. An unknown name is a ``ValueError`` listing the registered methods."""
+    if name not in METHODS:
+        load_method_plugins()
+    if name not in METHODS:
+        close = difflib.get_close_matches(name, sorted(METHODS), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ValueError(f"unknown method {name!r}; {hint}registered: {', '.join(METHODS)}")
+    cls = METHODS[name]
+    target = cls.loss_callable()
+    own = cls.__dict__.get("__doc__")  # not the docstring inherited from a base class
+    summary = inspect.cleandoc(own or inspect.getdoc(target) or "").split("\n\n")[0].replace("\n", " ")
+    defaults = {key: p.default for key, p in cls.loss_options().items()}
+    defaults.update(getattr(cls, "loss_defaults", {}))
+    described = docstring_args(inspect.getdoc(target) or "")
+    if isinstance(target, type):  # a loss class documents its options on the class or on __init__
+        described = {**docstring_args(inspect.getdoc(target.__init__) or ""), **described}
+    lines = [f"method {name}: {summary}", f"  loss: {target.__module__}.{target.__qualname__}",
+             f"  teacher: {'required' if cls.needs_teacher else 'none'}"]
+    if cls.needs_teacher:
+        cache = "yes" if cls.supports_teacher_cache else f"no ({cls.teacher_cache_reason})"
+        lines.append(f"  teacher_cache: {cache}")
+    lines.append("  FSDP / ZeRO-3: " + ("yes" if cls.supports_sharding else f"no ({cls.sharding_reason})"))
+    lines.append("loss options (recipe `loss: {KEY: VALUE}` or `--set loss.KEY=VALUE`):")
+    for key, parameter in cls.loss_options().items():
+        kind = _annotation_name(parameter.annotation)
+        default = defaults[key]
+        default_text = "required" if default is inspect.Parameter.empty else f"default {default!r}"
+        lines.append(f"  {key} ({kind}, {default_text})" + (f": {described[key]}" if key in described else ""))
+    return "\n".join(lines)
+
+
+def _annotation_name(annotation: Any) -> str:
+    if annotation is inspect.Parameter.empty:
+        return "any"
+    return annotation.__name__ if isinstance(annotation, type) else str(annotation).replace("typing.", "")
+
+
+def docstring_args(doc: str) -> dict[str, str]:
+    """``name -> text`` of a Google-style docstring's ``Args:`` section; ``a, b: text`` documents both names, and
+    more deeply indented lines continue the entry before them."""
+    entries: dict[str, str] = {}
+    lines = doc.splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == "Args:")
+    except StopIteration:
+        return entries
+    names: list[str] = []
+    indent = None
+    for line in lines[start + 1:]:
+        if not line.strip():
+            continue
+        depth = len(line) - len(line.lstrip())
+        if indent is None:
+            indent = depth
+        if depth < indent:
+            break  # the section ended
+        if depth == indent and ":" in line:
+            head, text = line.strip().split(":", 1)
+            names = [n.strip().lstrip("*") for n in head.split(",")]
+            for n in names:
+                entries[n] = text.strip()
+        elif names:
+            for n in names:
+                entries[n] = f"{entries[n]} {line.strip()}".strip()
+    return entries

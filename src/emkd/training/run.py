@@ -33,6 +33,7 @@ try:
 except ImportError:  # not POSIX: runs go unlocked
     fcntl = None
 
+from emkd.cache import CachedTeacher, load_cached_teacher
 from emkd.data import PairCollator, PairDataset
 from emkd.models import EfficientMLLMAdapter, check_same_tokenization, load_student, load_teacher
 from emkd.models.compose import DTYPES
@@ -40,9 +41,7 @@ from emkd.compat import installed_versions
 from emkd.errors import NonFiniteError, OutputDirError, UserError
 from emkd.training.config import TrainConfig, check_paths
 from emkd.training.methods import METHODS, build_method
-from emkd.training.methods import resolve_iva_layer  # noqa: F401  (public here before it moved to its method)
 from emkd.training.stages import apply_stage, trained_parts
-from emkd.training.teacher_cache import CachedTeacher, load_cached_teacher
 from emkd.training.trainer import (
     COMPLETE_MARKER,
     DAMAGED_PREFIX,
@@ -246,6 +245,7 @@ def training_arguments(config: TrainConfig, **overrides: Any) -> TrainingArgumen
         gradient_accumulation_steps=config.grad_accum,
         learning_rate=config.learning_rate,
         weight_decay=config.weight_decay,
+        # transformers >= 5 reads warmup_steps in [0, 1) as a fraction of the total steps (warmup_ratio is gone)
         warmup_steps=config.warmup_ratio,
         lr_scheduler_type=config.lr_scheduler,
         max_grad_norm=config.max_grad_norm,

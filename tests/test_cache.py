@@ -1,28 +1,33 @@
 """`emkd cache-teacher`: the cached teacher gives the live teacher's inputs, losses and training logs; a cache that does
-not match its data, or whose writing did not finish, is refused."""
+not match its data, or whose writing did not finish, is refused; a cache of version 2 with Align-TI's IVA weights
+still opens."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from _workspace import build_workspace
-from emkd.cli import main
-from emkd.data import PairCollator, PairDataset
-from emkd.losses.align_ti import instruction_vision_attention
-from emkd.models import EfficientMLLMAdapter, load_student, load_teacher
-from emkd.training.config import load_recipe
-from emkd.training.methods import build_method
-from emkd.training.run import train
-from emkd.training.teacher_cache import (
+from emkd.cache import (
+    CACHE_FORMAT,
+    CACHE_VERSION,
     INDEX_FILE,
     CachedTeacher,
     TeacherCache,
     cache_teacher,
+    file_sha256,
     load_cached_teacher,
     storage_summary,
 )
+from emkd.cli import main
+from emkd.data import PairCollator, PairDataset
+from emkd.models import EfficientMLLMAdapter, load_student, load_teacher
+from emkd.training.config import load_recipe
+from emkd.training.methods import build_method
+from emkd.training.run import train
 
 # responses of different lengths, so that batches are padded
 RESPONSES = ["red", "the square is green", "a small square on a grey background", "one two three"]
@@ -49,8 +54,6 @@ def ws(request, tmp_path_factory):
     ws["cache"] = root / "f32"
     cache_teacher(out_dir=root / "bf16", dtype="bfloat16", **common)
     ws["cache_bf16"] = root / "bf16"
-    cache_teacher(out_dir=root / "iva", attention_layer=1, **common)
-    ws["cache_iva"] = root / "iva"
     return ws
 
 
@@ -77,12 +80,15 @@ def test_index_records_what_was_cached(ws):
     assert len(set(index["samples"]["length"])) > 1  # padded batches
     assert index["data"]["template"] == "chat" and index["data"]["max_length"] == 2048
     assert index["teacher"]["dir"] == str(Path(ws["teacher"]).resolve())
+    assert index["version"] == CACHE_VERSION == 3 and "attention_layer" not in index
     weight, bias = cache.head()
     assert (cache.vocab_size, cache.hidden_size) == tuple(weight.shape)
     for i, n in enumerate(index["samples"]["length"]):
         sample = cache.sample(i)
         assert sample["hidden"].shape == (n, cache.hidden_size) and sample["vision"].dtype == torch.bool
         assert int(sample["vision"].sum()) == index["samples"]["vision_tokens"][i]
+    stored = {key for name in index["shards"] for key in load_file(str(ws["cache"] / name))}
+    assert stored == {f"s{i}.{key}" for i in range(4) for key in ("hidden", "vision")}  # what training reads
     assert not list(ws["cache"].parent.glob(".*partial*"))
 
 
@@ -105,16 +111,44 @@ def test_cached_inputs_equal_the_live_teachers(ws, models, order):
             torch.testing.assert_close(cached.hidden[real].float(), live.hidden[real], rtol=2**-8, atol=1e-6)
 
 
-def test_cached_iva_weights_equal_the_live_attention(ws, models):
+def test_a_cached_teacher_gives_no_attention(ws, models):
     batch = _batch(models, [2, 0, 3])
-    out = models["teacher"](batch["teacher"], attention_layer=1)
-    live = instruction_vision_attention(out.attention, out.inputs.vision_mask, out.inputs.instruction_mask)
-    cached = load_cached_teacher(ws["cache_iva"]).iva_weights(batch["teacher"])
-    assert len(cached) == 3 and all(torch.equal(c, w) for c, w in zip(cached, live))
-    with pytest.raises(ValueError, match="no IVA weights"):
-        load_cached_teacher(ws["cache"]).iva_weights(batch["teacher"])
-    with pytest.raises(NotImplementedError, match="TPA"):
+    with pytest.raises(NotImplementedError, match="holds no attention maps.*TPA"):
         load_cached_teacher(ws["cache"])(batch["teacher"], attention_layer=1)
+
+
+def _with_iva_weights(src, dst):
+    """A copy of cache ``src`` as version 2 wrote it with ``attention_layer=1``: ``attention_layer`` in the index
+    and each sample's Align-TI IVA weights ``s{i}.iva`` ``[Nv_i]`` float32 in its shard."""
+    shutil.copytree(src, dst)
+    index = json.loads((dst / INDEX_FILE).read_text())
+    for k, name in enumerate(index["shards"]):
+        tensors = load_file(str(dst / name))
+        for i in (i for i, shard in enumerate(index["samples"]["shard"]) if shard == k):
+            nv = index["samples"]["vision_tokens"][i]
+            tensors[f"s{i}.iva"] = torch.full((nv,), 1.0 / max(nv, 1))
+        save_file(tensors, str(dst / name), metadata={"format": CACHE_FORMAT})
+        index["shard_sizes"][k] = (dst / name).stat().st_size
+        index["shard_sha256"][k] = file_sha256(dst / name)
+    index.update(version=2, attention_layer=1)
+    (dst / INDEX_FILE).write_text(json.dumps(index))
+    return index
+
+
+def test_a_cache_with_iva_weights_still_opens(ws, models, tmp_path, capsys):
+    old = tmp_path / "v2-iva"
+    index = _with_iva_weights(ws["cache"], old)
+    assert "s0.iva" in load_file(str(old / index["shards"][0]))
+    cache = TeacherCache(old)
+    assert set(cache.sample(0)) == {"hidden", "vision"}  # the IVA weights are ignored
+    assert cache.verify() == []
+    assert main(["cache-teacher", "--verify", str(old)]) == 0
+    batch = _batch(models, [2, 0, 3])
+    cached, new = (load_cached_teacher(path)(batch["teacher"]).inputs for path in (old, ws["cache"]))
+    assert torch.equal(cached.hidden, new.hidden) and torch.equal(cached.vision_mask, new.vision_mask)
+    # from version 3 on, a shard holds nothing else: the same tensors are strays
+    (old / INDEX_FILE).write_text(json.dumps({**index, "version": 3}))
+    assert any("tensors no sample of it owns" in p for p in TeacherCache(old).verify())
 
 
 @pytest.mark.parametrize("method", ["emkd", "kd", "rkl", "llava_kd"])
@@ -182,10 +216,6 @@ def test_a_cache_of_other_data_is_refused(ws, models):
 
 def test_a_cache_of_other_teacher_weights_is_refused(ws, models, tmp_path):
     """Same architecture and config, other weights: the fingerprint covers the weight files too."""
-    import shutil
-
-    from safetensors.torch import load_file, save_file
-
     cached = load_cached_teacher(ws["cache"], ws["teacher"])
     other = tmp_path / "other_teacher"
     shutil.copytree(ws["teacher"], other)
@@ -212,7 +242,7 @@ def test_a_cache_of_another_max_length_is_refused(ws, models):
 
 
 def test_an_unfinished_cache_is_refused(ws, tmp_path, monkeypatch):
-    import emkd.training.teacher_cache as module
+    import emkd.cache.writer as module
 
     # a crash after the shards were written: nothing is left behind, no cache appears
     def crash(*args, **kwargs):
@@ -248,14 +278,14 @@ def test_an_unfinished_cache_is_refused(ws, tmp_path, monkeypatch):
 def test_cli_prints_bytes_per_sample(ws, tmp_path, capsys):
     out = tmp_path / "cli"
     code = main(["cache-teacher", str(ws["teacher"]), str(ws["data"]), "--images", str(ws["images"]), "--out",
-                 str(out), "--batch-size", "2", "--dtype", "bfloat16", "--attention-layer", "1"])
+                 str(out), "--batch-size", "2", "--dtype", "bfloat16"])
     assert code == 0
     printed = capsys.readouterr().out
     index = json.loads((out / INDEX_FILE).read_text())
     size = storage_summary(index)
     assert f"bytes per sample: {size['bytes_per_sample']:,.0f}" in printed
     assert "cached 4 samples" in printed and "k=100" in printed
-    assert index["dtype"] == "bfloat16" and index["attention_layer"] == 1
+    assert index["dtype"] == "bfloat16" and "attention_layer" not in index
     # hidden states in bfloat16 are 2 bytes per value
     assert size["bytes_per_sample"] >= 2 * index["hidden_size"] * size["positions_per_sample"]
 

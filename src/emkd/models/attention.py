@@ -1,0 +1,130 @@
+"""Attention probabilities of chosen decoder layers, read during a forward (Align-TI Eq. 3-4; SPEC §6).
+
+Align-TI's IRS and IVA read ``a_l(x)`` from the attention probabilities ``[B, H, L, L]`` of teacher layer ``l``.
+Only the "eager" implementation computes them (SDPA and flash attention never form the map), so:
+
+* :func:`eager_attention` runs a model's language model (``model.get_decoder()``) with eager attention inside a
+  block and restores the previous implementation however the block exits, exceptions included. The vision tower
+  keeps its own implementation. Eager and SDPA agree up to float rounding, so the hidden states of a recorded forward
+  may differ from an unrecorded one in the last bits.
+* :func:`hooked_attention` hands each chosen layer's probabilities to ``keep(layer, weights)`` as that layer runs,
+  through a forward hook on its attention module, so no ``[B, H, L, L]`` map outlives its layer (IRS reduces every
+  layer in one forward this way). ``output_attentions=True`` would keep every layer's map alive instead: 28 layers of
+  a 7B teacher at 3,000 tokens are tens of GB.
+* :func:`recorded_attention` keeps the head-averaged probabilities ``[B, L, L]`` (float32) of one layer: what
+  ``adapter(batch, attention_layer=l)`` returns and what IVA weighs its vision tokens with.
+
+Any model whose ``get_decoder()`` has ``layers[i].self_attn`` and ``set_attn_implementation`` works: the student
+class and every Hugging Face teacher. :func:`cast_additive_mask` puts Align-TI's additive 4D mask in a model's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+#: ``keep(layer, weights)``: called with a layer's index (as the caller named it) and its ``[B, H, L, L]`` weights
+AttentionKeeper = Callable[[int, torch.Tensor], None]
+
+
+@contextmanager
+def eager_attention(model: torch.nn.Module) -> Iterator[None]:
+    """Run ``model.get_decoder()`` with eager attention inside the block; restore its previous implementation on
+    exit, exceptions included (nothing is switched when it already is eager)."""
+    decoder = model.get_decoder()
+    previous = decoder.config._attn_implementation
+    if previous == "eager":
+        yield
+        return
+    decoder.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        decoder.set_attn_implementation(previous)
+
+
+def _keep_weights(layer: int, keep: AttentionKeeper) -> Callable[[torch.nn.Module, Any, Any], None]:
+    """A forward hook on layer ``layer``'s attention module that hands its probabilities to ``keep``."""
+
+    def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
+        weights = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+        if weights is None:
+            raise RuntimeError(f"decoder layer {layer}'s attention returned no weights under eager attention")
+        keep(layer, weights)  # (B, H, L, L)
+
+    return hook
+
+
+@contextmanager
+def hooked_attention(model: torch.nn.Module, layers: Iterable[int], keep: AttentionKeeper) -> Iterator[None]:
+    """Call ``keep(layer, weights)`` with the attention probabilities ``[B, H, L, L]`` of every decoder layer in
+    ``layers`` (negative counts from the end) during the forwards run inside the block, under eager attention.
+
+    Hooks and implementation are restored however the block exits. A layer whose attention returns no weights
+    raises ``RuntimeError`` from inside the forward.
+
+    Raises:
+        ValueError: a layer is out of range (before anything is switched).
+    """
+    decoder_layers = model.get_decoder().layers
+    layers = list(layers)
+    for layer in layers:
+        if not -len(decoder_layers) <= layer < len(decoder_layers):
+            raise ValueError(f"attention_layer={layer} is out of range for a decoder with {len(decoder_layers)} layers")
+    with eager_attention(model):
+        handles = []
+        try:
+            for layer in layers:
+                handles.append(decoder_layers[layer].self_attn.register_forward_hook(_keep_weights(layer, keep)))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+
+@dataclass
+class AttentionRecord:
+    """What :func:`recorded_attention` kept of decoder layer ``layer``: the head-averaged probabilities
+    ``attention`` ``[B, L, L]`` (float32, query by key) of the last forward run in its block, ``None`` before one."""
+
+    layer: int
+    attention: torch.Tensor | None = None
+
+
+@contextmanager
+def recorded_attention(model: torch.nn.Module, layer: int) -> Iterator[AttentionRecord]:
+    """Record the head-averaged attention probabilities ``[B, L, L]`` (float32) of decoder layer ``layer``
+    (negative counts from the end) during the forwards run inside the block, as ``record.attention``.
+
+    The language model runs eager attention inside the block (:func:`eager_attention`).
+    """
+    record = AttentionRecord(layer)
+
+    def keep(_layer: int, weights: torch.Tensor) -> None:
+        record.attention = weights.float().mean(dim=1)  # (B, H, L, L) -> (B, L, L)
+
+    with hooked_attention(model, [layer], keep):
+        yield record
+
+
+def cast_additive_mask(mask: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An additive float mask (0 allowed, ``finfo.min`` masked) in ``dtype`` on ``device``: the same tensor when the
+    dtype already matches, else 0 / ``finfo(dtype).min`` rebuilt from where it is negative."""
+    mask = mask.to(device)
+    if mask.dtype == dtype:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(mask < 0, torch.finfo(dtype).min)
+
+
+__all__ = [
+    "AttentionKeeper",
+    "AttentionRecord",
+    "cast_additive_mask",
+    "eager_attention",
+    "hooked_attention",
+    "recorded_attention",
+]
