@@ -27,7 +27,7 @@ from emkd.data import PairCollator, PairDataset
 from emkd.models import EfficientMLLMAdapter, load_student, load_teacher
 from emkd.training.config import load_recipe
 from emkd.training.methods import build_method
-from emkd.training.run import train
+from emkd.training.run import build_trainer, train
 
 # responses of different lengths, so that batches are padded
 RESPONSES = ["red", "the square is green", "a small square on a grey background", "one two three"]
@@ -212,6 +212,30 @@ def test_a_cache_of_other_data_is_refused(ws, models):
         cached.cache.check_teacher(ws["student"])
     with pytest.raises(ValueError, match="no 'index'"):
         cached(PairCollator(side, cached.side)([swapped[1]])["teacher"])
+
+
+def test_adapters_say_what_they_need_from_the_data(ws, models):
+    """A model that runs on the batch needs no sample index and accepts any data set; a cached teacher needs the
+    index and refuses data its cache was not built from."""
+    side = models["student"].side
+    other = PairDataset(ws["train"], ws["images"], side, models["teacher"].side)  # the original responses
+    for adapter in (models["student"], models["teacher"]):
+        assert adapter.needs_sample_index is False
+        assert adapter.check_dataset(other) is None
+    cached = load_cached_teacher(ws["cache"])
+    assert cached.needs_sample_index is True
+    cached.check_dataset(PairDataset(ws["data"], ws["images"], side, cached.side))
+    with pytest.raises(ValueError, match="has other content"):
+        cached.check_dataset(other)
+
+
+@pytest.mark.parametrize("ws", ["student"], indirect=True)
+def test_a_run_collates_indices_only_for_a_cached_teacher(ws, tmp_path):
+    live = build_trainer(_recipe(ws, tmp_path / "live", f"teacher={ws['teacher']}"))
+    cached = build_trainer(_recipe(ws, tmp_path / "cached", f"teacher_cache={ws['cache']}"))
+    assert live.data_collator.with_index is False and cached.data_collator.with_index is True
+    with pytest.raises(ValueError, match="has other content"):  # checked before training starts
+        build_trainer(_recipe(ws, tmp_path / "other", f"teacher_cache={ws['cache']}", f"data.train={ws['train']}"))
 
 
 def test_a_cache_of_other_teacher_weights_is_refused(ws, models, tmp_path):

@@ -377,6 +377,19 @@ def test_hf_teacher(ws, kind, architecture):
     assert len(set(answers)) >= 3
 
 
+def test_every_checkpoint_loads_through_the_architecture_registry(ws, monkeypatch):
+    """The student is one registered architecture among the teachers': evaluation has no branch of its own for it."""
+    import emkd.models.teachers as teachers
+
+    model, side = load_for_eval(ws["student"])
+    assert type(model).__name__ == "EfficientMLLMForCausalLM" and not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    assert side.image_token_id == model.config.image_token_id
+    monkeypatch.delitem(teachers.TEACHER_REGISTRY, "EfficientMLLMForCausalLM")
+    with pytest.raises(ValueError, match="unsupported teacher architecture 'EfficientMLLMForCausalLM'"):
+        load_for_eval(ws["student"])
+
+
 def test_measure_ttft_restores_threads(ws):
     model, side = load_for_eval(ws["student"])
     sample = read_eval_samples(ws["bench"], ws["images"])[1]

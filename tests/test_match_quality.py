@@ -26,7 +26,7 @@ from transformers import CLIPImageProcessorPil
 from conftest import SampleSpec, make_pair, permute_vision
 from emkd import EMKDLoss, LlavaKDLoss
 from emkd.data import PairCollator, PairDataset
-from emkd.demo.report import plot_match_quality
+from emkd.demo.report import plot_match_quality, runs_with_matches
 from emkd.matching import hungarian_match, l1_cost
 from emkd.matching.quality import (
     WindowHits,
@@ -402,3 +402,18 @@ def test_plot_match_quality_needs_a_logged_rate(tmp_path):
     (tmp_path / "log.jsonl").write_text(json.dumps({"step": 1, "objective": 1.0}) + "\n")
     with pytest.raises(ValueError, match="no 'match_in_window' record"):
         plot_match_quality({"kd": tmp_path / "log.jsonl"}, tmp_path / "q.png", None)
+
+
+def test_runs_with_matches_are_those_that_logged_a_rate(tmp_path):
+    """The demo draws the matching of the first run whose method paired vision tokens, whatever its name."""
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"step": 1, "objective": 1.0}) + "\n")
+    (tmp_path / "kd.jsonl").write_text(json.dumps({"step": 1, "objective": 1.0, "match_in_window_random": 1 / 16}))
+    logs = {
+        "sft": tmp_path / "sft.jsonl",
+        "kd": tmp_path / "kd.jsonl",  # the baseline alone: no pairs were matched
+        "missing": tmp_path / "none.jsonl",
+        "mine": write_log(tmp_path / "mine.jsonl", [0.2, 0.4]),
+        "emkd": write_log(tmp_path / "emkd.jsonl", [0.3]),
+    }
+    assert runs_with_matches(logs) == ["mine", "emkd"]
+    assert runs_with_matches({"sft": logs["sft"], "missing": logs["missing"]}) == []

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from emkd.chunking import check_implementation
+
 IGNORE_INDEX = -100
 
 
@@ -159,6 +161,35 @@ class DistillInputs:
 VOCAB_POLICIES = ("strict", "crop")
 
 
+def check_choice(name: str, value: object, choices: tuple) -> None:
+    """Raise ``ValueError("<name> must be one of <choices>, got <value>")`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def check_common_options(
+    *,
+    vocab: str | None = None,
+    implementation: str | None = None,
+    temperature: float | None = None,
+    chunk_size: int | None = None,
+) -> None:
+    """Check the options the losses share, each one that is given (``None``: the loss has no such option).
+
+    ``vocab`` one of :data:`VOCAB_POLICIES`; ``implementation`` one of :data:`emkd.chunking.IMPLEMENTATIONS`;
+    ``temperature > 0``; ``chunk_size >= 1`` (vocabulary rows per chunk). Raises ``ValueError`` naming the option,
+    what it must be and the value found.
+    """
+    if implementation is not None:
+        check_implementation(implementation)
+    if vocab is not None:
+        check_choice("vocab", vocab, VOCAB_POLICIES)
+    if temperature is not None and temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+
+
 def check_pair(student: DistillInputs, teacher: DistillInputs, vocab: str = "strict") -> tuple[DistillInputs, DistillInputs]:
     """Validate a student/teacher pair and return them ready for a loss (teacher detached, vocabularies equal).
 
@@ -166,8 +197,7 @@ def check_pair(student: DistillInputs, teacher: DistillInputs, vocab: str = "str
     that do not fit the cropped vocabulary; a sample whose text-token or response-position counts differ between the
     two sides, or whose response targets differ; non-finite hidden states at real tokens.
     """
-    if vocab not in VOCAB_POLICIES:
-        raise ValueError(f"vocab must be one of {VOCAB_POLICIES}, got {vocab!r}")
+    check_choice("vocab", vocab, VOCAB_POLICIES)
     if student.batch_size != teacher.batch_size:
         raise ValueError(f"batch sizes differ: student B={student.batch_size}, teacher B={teacher.batch_size}")
     teacher = teacher.detached()

@@ -20,6 +20,7 @@ import torch
 from emkd.cache.fingerprint import ids_digest
 from emkd.cache.format import CacheError
 from emkd.cache.reader import TeacherCache
+from emkd.data import PairDataset
 from emkd.inputs import DistillInputs
 from emkd.models.base import AdapterOutput, DistillAdapter, VisionSide
 from emkd.models.teachers import load_teacher_side
@@ -132,6 +133,8 @@ class CachedTeacher(DistillAdapter):
     real positions identical up to the cache dtype; zeros at padding), without logits.
     """
 
+    needs_sample_index = True  # the cache is indexed by the samples' PairDataset indices
+
     def __init__(self, cache: TeacherCache, side: VisionSide) -> None:
         self.cache = cache
         self.side = side
@@ -146,6 +149,11 @@ class CachedTeacher(DistillAdapter):
             )
         inputs = teacher_inputs(self.cache, batch, self.model.weight, self.model.bias, self.side.image_token_id)
         return AdapterOutput(inputs=inputs)
+
+    def check_dataset(self, dataset: PairDataset) -> None:
+        """Raise :class:`~emkd.cache.format.CacheError` when ``dataset`` is not the data the cache was built from
+        (:meth:`TeacherCache.check_dataset`)."""
+        self.cache.check_dataset(dataset)
 
 
 def load_cached_teacher(cache_dir: str | os.PathLike, teacher_dir: str | os.PathLike | None = None) -> CachedTeacher:

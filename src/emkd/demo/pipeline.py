@@ -274,6 +274,7 @@ def write_report(root: Path, data: dict[str, Path], teacher_dir: Path, finals: d
         plot_loss_curves,
         plot_match_quality,
         plot_matching,
+        runs_with_matches,
         vision_views,
     )
     from emkd.models import EfficientMLLMAdapter, load_student, load_teacher
@@ -281,10 +282,9 @@ def write_report(root: Path, data: dict[str, Path], teacher_dir: Path, finals: d
     figures = root / "figures"
     runs = {m: root / "student" / m / "log.jsonl" for m in finals}
     plot_loss_curves(runs, figures / "loss_curves.png")
-    try:
-        match_figure = plot_match_quality(runs, figures / "match_quality.png")
-    except ValueError:  # no method of this run pairs vision tokens
-        match_figure = None
+    matched = runs_with_matches(runs)  # the runs whose method paired vision tokens
+    match_figure = plot_match_quality(runs, figures / "match_quality.png") if matched else None
+    shown = matched[0] if matched else next(iter(finals))  # whose student the matching picture draws
 
     teacher = load_teacher(teacher_dir)
     records = json.loads(data["test"].read_text())
@@ -303,7 +303,7 @@ def write_report(root: Path, data: dict[str, Path], teacher_dir: Path, finals: d
             image = np.asarray(Image.open(data["images"] / records[pick]["image"]).convert("RGB"))
             panels["teacher"] = decode_vision_tokens(views["teacher_logits"], tokenizer)
         panels[f"student ({method})"] = decode_vision_tokens(views["student_logits"], tokenizer)
-        if method == "emkd" or len(finals) == 1:
+        if method == shown:
             idx_s, idx_t = views["matches"]
             plot_matching(image, idx_s, idx_t, views["n_student"], views["n_teacher"], figures / "matching.png",
                           title=f"EM-KD matching, {records[pick].get('category', '')} sample")

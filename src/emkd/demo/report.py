@@ -187,6 +187,12 @@ def _logged_series(path: str | Path, key: str) -> list[tuple[int, float]]:
     return points
 
 
+def runs_with_matches(logs: dict[str, str | Path]) -> list[str]:
+    """The names of the runs, in ``logs``' order, whose ``log.jsonl`` has a ``match_in_window`` record: the runs
+    whose method paired student and teacher vision tokens (a missing log counts as none)."""
+    return [name for name, path in logs.items() if Path(path).is_file() and _logged_series(path, "match_in_window")]
+
+
 def plot_match_quality(logs: dict[str, str | Path], out: str | Path, baseline: float | None = None) -> Path:
     """``match_in_window`` over training steps, one line per run, with the random-matching baseline dashed.
 
@@ -199,8 +205,7 @@ def plot_match_quality(logs: dict[str, str | Path], out: str | Path, baseline: f
     Raises:
         ValueError: no run has a ``match_in_window`` record (the message names the logs read).
     """
-    series = {name: _logged_series(p, "match_in_window") for name, p in logs.items() if Path(p).is_file()}
-    series = {name: points for name, points in series.items() if points}
+    series = {name: _logged_series(logs[name], "match_in_window") for name in runs_with_matches(logs)}
     if not series:
         raise ValueError(f"no 'match_in_window' record in any of {[str(p) for p in logs.values()]}")
     fig = Figure(figsize=(6.0, 3.8))

@@ -25,6 +25,7 @@ changes (initial weights, data order, sampling in the losses) on one fixed held-
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -735,38 +736,66 @@ def _run_seed(runner: _Runner, seed: int, variants: dict[str, tuple[str, dict[st
     return outcome
 
 
-def _worker_threads(threads: int) -> None:
+#: the thread pools a worker's libraries start (torch's OpenMP, numpy's BLAS, MKL, numba), each sized by these
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
+
+
+def _worker_setup(threads: int, cores: Any) -> None:
+    """A worker's start: ``threads`` torch threads, and, where the system allows it, its own cores (from the queue
+    ``cores``), so that no pool of one worker spins on the other's cores."""
     torch.set_num_threads(threads)
+    own = cores.get()
+    if own and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, own)
 
 
 def _run_seeds(runner: _Runner, seeds: Sequence[int], variants: dict[str, tuple[str, dict[str, Any]]],
                side_budgets: Sequence[int], jobs: int) -> Iterable[_SeedOutcome]:
     """Each seed's outcome, in seed order. ``jobs > 1``: seeds run in that many spawned processes at once, each with
-    ``cpu_count // jobs`` torch threads (on a small machine, two one-thread trainings do more per second than one
-    two-thread training of these tiny models); their progress lines go to standard output."""
+    ``cores // jobs`` threads in every library's pool, and its own cores where the system allows pinning; their
+    progress lines go to standard output as they happen."""
     started = time.perf_counter()
     if jobs == 1:
         for i, seed in enumerate(seeds):
             yield _run_seed(runner, seed, variants, side_budgets)
-            _log_seed_done(runner.log, seed, len(seeds) - i - 1, (time.perf_counter() - started) / (i + 1))
+            left = len(seeds) - i - 1
+            _log_seed_done(runner.log, seed, left, (time.perf_counter() - started) / (i + 1) * left)
         return
     import concurrent.futures
     import multiprocessing
 
-    threads = max(1, (os.cpu_count() or 1) // jobs)
+    available = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    threads = max(1, (len(available) or os.cpu_count() or 1) // jobs)
     runner.log(f"{jobs} seeds at a time, {threads} torch thread(s) each")
-    worker = dataclasses.replace(runner, log=Progress(print))
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
-                                                initializer=_worker_threads, initargs=(threads,)) as pool:
+    worker = dataclasses.replace(runner, log=Progress(functools.partial(print, flush=True)))  # seen as it happens
+    context = multiprocessing.get_context("spawn")
+    cores = context.Queue()
+    for j in range(jobs):  # each worker its own cores when there are enough, else the system places them
+        cores.put(set(available[j * threads:(j + 1) * threads]) if len(available) >= jobs * threads else None)
+    saved = {name: os.environ.get(name) for name in THREAD_VARIABLES}
+    os.environ.update({name: str(threads) for name in THREAD_VARIABLES})  # read by the workers' libraries at start
+    try:
+        pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_setup,
+                                                      initargs=(threads, cores))
         futures = [pool.submit(_run_seed, worker, seed, variants, side_budgets) for seed in seeds]
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    with pool:
         for i, future in enumerate(futures):
             outcome = future.result()
-            _log_seed_done(runner.log, outcome.seed, len(seeds) - i - 1, (time.perf_counter() - started) / (i + 1))
+            rounds_done = -(-(i + 1) // jobs)  # seeds run in rounds of ``jobs``: the time left is per round
+            rounds_left = -(-len(seeds) // jobs) - rounds_done
+            per_round = (time.perf_counter() - started) / rounds_done
+            _log_seed_done(runner.log, outcome.seed, len(seeds) - i - 1, per_round * rounds_left)
             yield outcome
 
 
-def _log_seed_done(log: Progress, seed: int, left: int, per_seed: float) -> None:
-    log(f"seed {seed} done; {left} seed(s) to go" + (f", about {_duration(per_seed * left)} more" if left else ""))
+def _log_seed_done(log: Progress, seed: int, left: int, seconds_left: float) -> None:
+    log(f"seed {seed} done; {left} seed(s) to go" + (f", about {_duration(seconds_left)} more" if left else ""))
 
 
 def _teacher_cache(teacher: Path, data: dict[str, Path], root: Path, log: Progress) -> Path:

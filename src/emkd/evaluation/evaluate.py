@@ -2,9 +2,9 @@
 
 Protocol (identical for the student, a vanilla student-class teacher and every Hugging Face teacher):
 
-* Loading (:func:`load_for_eval`): a local checkpoint directory whose ``config.json`` names this project's student
-  architecture is loaded with :func:`emkd.models.student_side.load_student`, anything else with
-  :func:`emkd.models.teachers.load_teacher` (LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL, Qwen2.5-VL).
+* Loading (:func:`load_for_eval`): a local checkpoint directory, through the one registry keyed on ``config.json``'s
+  ``architectures`` (:func:`emkd.models.teachers.load_teacher`), where this project's student architecture is
+  registered beside LLaVA, LLaVA-NeXT, LLaVA-OneVision, Qwen2-VL and Qwen2.5-VL.
 * Data (:func:`read_eval_samples`): LLaVA ``conversations`` or HF ``messages`` records, JSON list or JSONL, which
   must end with an assistant turn. The prompt is every turn up to the last user turn, the reference answer is the
   last assistant turn. A record may carry ``"category"`` (a string; records without one count under ``"all"``) and
@@ -65,7 +65,6 @@ from emkd.evaluation.normalize import LETTERS, extract_choice, is_correct
 from emkd.models.base import VisionSide
 
 DEFAULT_CATEGORY = "all"
-STUDENT_ARCHITECTURE = "EfficientMLLMForCausalLM"
 TTFT_METHOD = "prefill forward: model(**inputs, use_cache=True, logits_to_keep=1) + argmax, batch 1"
 
 
@@ -166,21 +165,15 @@ def read_eval_samples(
 
 # ---- models ---------------------------------------------------------------------------------------------------------
 def load_for_eval(path: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, VisionSide]:
-    """``(model, side)`` of a local checkpoint directory, the model in ``eval()`` mode.
+    """``(model, side)`` of a local checkpoint directory, the model frozen and in ``eval()`` mode.
 
-    This project's student architecture (``"EfficientMLLMForCausalLM"`` in ``config.json``'s ``architectures``) is
-    loaded with :func:`~emkd.models.student_side.load_student`; every other architecture with
-    :func:`~emkd.models.teachers.load_teacher`, which names the supported ones when it refuses a checkpoint.
+    Every architecture, this project's student (``"EfficientMLLMForCausalLM"``) included, loads through
+    :func:`~emkd.models.teachers.load_teacher`'s registry, which names the supported ones when it refuses a checkpoint.
     """
-    from emkd.models.student_side import load_student
-    from emkd.models.teachers import checkpoint_architecture, load_teacher
+    from emkd.models.teachers import load_teacher
 
-    if checkpoint_architecture(path) == STUDENT_ARCHITECTURE:
-        model, side = load_student(path, dtype=dtype)
-    else:
-        adapter = load_teacher(path, dtype=dtype)
-        model, side = adapter.model, adapter.side
-    return model.eval(), side
+    adapter = load_teacher(path, dtype=dtype)
+    return adapter.model.eval(), adapter.side
 
 
 def _takes_mm_token_type_ids(model: torch.nn.Module) -> bool:

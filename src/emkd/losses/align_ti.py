@@ -19,7 +19,7 @@ import random
 import torch
 import torch.nn.functional as F
 
-from emkd.chunking import DEFAULT_CHUNK_SIZE, check_implementation
+from emkd.chunking import check_implementation
 from emkd.inputs import DistillInputs, check_pair, zero_like_graph
 from emkd.losses.divergence import forward_kl
 from emkd.losses.head import head_divergences
@@ -99,7 +99,7 @@ def iva_loss(
     temperature: float = 1.0,
     vocab: str = "strict",
     implementation: str = "fused",
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     normalisation: str = "token_sum",
 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """Instruction-aware Vision Alignment (Align-TI Eq. 4) -> ``(iva, matches)``.
@@ -127,7 +127,7 @@ def iva_total(
     temperature: float = 1.0,
     vocab: str = "strict",
     implementation: str = "fused",
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, list[tuple[torch.Tensor, torch.Tensor]]]:
     """``(sum_b IVA_b, matches)``: :func:`iva_loss` before its division (an exact zero when no sample has a pair)."""
     check_implementation(implementation)

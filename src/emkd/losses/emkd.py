@@ -24,8 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from emkd.chunking import DEFAULT_CHUNK_SIZE, check_implementation
-from emkd.inputs import VOCAB_POLICIES, DistillInputs, check_pair, zero_like_graph
+from emkd.inputs import DistillInputs, check_choice, check_common_options, check_pair, zero_like_graph
 from emkd.losses.divergence import reverse_kl
 from emkd.losses.head import response_and_row_divergences
 from emkd.losses.normalisation import LossTerms, Term, combine, inputs_counts
@@ -109,7 +108,8 @@ class EMKDLoss(torch.nn.Module):
         implementation: ``fused`` (default) computes every logit term over vocabulary chunks from hidden states and
             heads (:mod:`emkd.losses.fused`): no ``[N, V]`` logit matrix exists, and SUP, RLD and VSD share one
             pass over the student head. ``naive`` builds the logits as EM-KD's Listing 1 does (the reference).
-        chunk_size: vocabulary rows per chunk of the fused path.
+        chunk_size: vocabulary rows per chunk of the fused path; ``None`` (default): by the inputs' device,
+            :func:`emkd.chunking.default_chunk_size` (1024 on the CPU, 8192 on CUDA).
         vision_reduction: what the sum over samples of ``VSD_b`` and ``VLAD_b`` is divided by: ``batch`` (default)
             the number of samples ``B``, text-only samples included (Listing 1's ``L_distill / batch_size``; a
             sample without pairs adds 0 and still counts); ``image_samples`` the number of samples with at least one
@@ -130,23 +130,16 @@ class EMKDLoss(torch.nn.Module):
         vsd_target: str = "logits",
         vocab: str = "strict",
         implementation: str = "fused",
-        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunk_size: int | None = None,
         vision_reduction: str = "batch",
         assignment: str = "auto",
     ) -> None:
         super().__init__()
-        check_implementation(implementation)
-        if vision_reduction not in VISION_REDUCTIONS:
-            raise ValueError(f"vision_reduction must be one of {VISION_REDUCTIONS}, got {vision_reduction!r}")
-        if matching not in MATCHINGS:
-            raise ValueError(f"matching must be one of {MATCHINGS}, got {matching!r}")
+        check_common_options(vocab=vocab, implementation=implementation, temperature=temperature, chunk_size=chunk_size)
+        check_choice("vision_reduction", vision_reduction, VISION_REDUCTIONS)
+        check_choice("matching", matching, MATCHINGS)
         check_assignment(assignment)
-        if vsd_target not in VSD_TARGETS:
-            raise ValueError(f"vsd_target must be one of {VSD_TARGETS}, got {vsd_target!r}")
-        if vocab not in VOCAB_POLICIES:
-            raise ValueError(f"vocab must be one of {VOCAB_POLICIES}, got {vocab!r}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        check_choice("vsd_target", vsd_target, VSD_TARGETS)
         self.alpha, self.beta, self.gamma, self.temperature = alpha, beta, gamma, temperature
         self.matching, self.assignment, self.vsd_target, self.vocab = matching, assignment, vsd_target, vocab
         self.implementation, self.chunk_size = implementation, chunk_size

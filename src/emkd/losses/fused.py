@@ -28,6 +28,16 @@ Math, per row, with ``x = z / T``, ``lse(x) = log sum_v exp x_v`` and ``p = soft
 exponentials whenever the running maximum grows. All arithmetic is float32, whatever the inputs' dtype; the
 gradients come back in the inputs' dtypes. The reference path (``implementation="naive"`` of every loss) builds the
 full logits and is what the tests compare these with.
+
+Host synchronisation: none, forward or backward. The loops over chunks make no data-dependent branch or
+compaction (``.item()``, ``bool(tensor)``, ``nonzero()``, boolean-mask indexing): the cross-entropy's target logit
+is gathered from every chunk at ``targets - start`` (clamped into the chunk) and kept by ``torch.where`` where the
+target lies in that chunk, and its gradient is added the same way with ``scatter_add_``. So on a GPU the host
+queues every chunk without waiting for the device (``tests/test_host_sync.py`` runs these functions, forward and
+backward, under a mode that raises on any synchronising operator).
+
+``chunk_size=None`` (the default) is :func:`emkd.chunking.default_chunk_size` of the student rows' device: 1024 on
+the CPU, 8192 on CUDA.
 """
 
 from __future__ import annotations
@@ -36,8 +46,8 @@ import math
 
 import torch
 
-from emkd.chunking import DEFAULT_CHUNK_SIZE
 from emkd.chunking import chunk_logits as _chunk_logits
+from emkd.chunking import resolve_chunk_size, vocab_chunks
 from emkd.inputs import IGNORE_INDEX
 
 DIVERGENCE_KINDS = ("ce", "forward", "reverse", "jsd")
@@ -63,6 +73,20 @@ class _OnlineLSE:
         return self.max + torch.log(self.sum)
 
 
+def _target_columns(
+    targets: torch.Tensor, valid: torch.Tensor, start: int, stop: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where each row's target sits in vocabulary chunk ``start:stop``, without leaving the device.
+
+    Returns ``inside`` ``[N]`` bool (the row's target is not ignored and lies in the chunk) and ``col`` ``[N, 1]``
+    long, the column to read or write for every row: ``targets - start``, clamped into the chunk, so that rows whose
+    target lies elsewhere point at a real column and are masked out by ``inside``.
+    """
+    inside = valid & (targets >= start) & (targets < stop)  # (N,)
+    col = (targets - start).clamp_(0, stop - start - 1)[:, None]  # (N, 1)
+    return inside, col
+
+
 class _FusedHeadDivergences(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hs, ws, bs, ht, wt, bt, targets, kinds, temperature, jsd_beta, chunk_size):
@@ -83,15 +107,12 @@ class _FusedHeadDivergences(torch.autograd.Function):
         target_logit = torch.zeros(n, device=device)
         valid = targets != IGNORE_INDEX if targets is not None else None
 
-        for start in range(0, v, chunk_size):
-            stop = min(start + chunk_size, v)
+        for start, stop in vocab_chunks(v, chunk_size):
             zs = _chunk_logits(hs32, ws, bs, start, stop)  # (N, C)
             if need_raw:
                 raw.update(zs)
-                inside = valid & (targets >= start) & (targets < stop)
-                if inside.any():
-                    rows = inside.nonzero().squeeze(1)
-                    target_logit[rows] = zs[rows, targets[rows] - start]
+                inside, col = _target_columns(targets, valid, start, stop)
+                target_logit = torch.where(inside, zs.gather(1, col).squeeze(1), target_logit)  # (N,)
             if need_kl:
                 xs = zs.mul_(inv_t) if temperature != 1.0 else zs  # (N, C), in place: raw logits are done with
                 xt = _chunk_logits(ht32, wt, bt, start, stop)  # (N, C)
@@ -153,16 +174,14 @@ class _FusedHeadDivergences(torch.autograd.Function):
             log_beta, log_1mb = math.log(ctx.jsd_beta), math.log(1.0 - ctx.jsd_beta)
 
         v = ws.shape[0]
-        for start in range(0, v, chunk_size):
-            stop = min(start + chunk_size, v)
+        for start, stop in vocab_chunks(v, chunk_size):
             zs = _chunk_logits(hs32, ws, bs, start, stop)  # (N, C)
             g = torch.zeros_like(zs)  # d loss / d z_s, (N, C)
             if "ce" in weight:
                 g.add_((zs - lse_raw[:, None]).exp_().mul_(g_ce[:, None]))
-                inside = valid & (targets >= start) & (targets < stop)
-                if inside.any():
-                    rows = inside.nonzero().squeeze(1)
-                    g[rows, targets[rows] - start] -= g_ce[rows]
+                inside, col = _target_columns(targets, valid, start, stop)
+                # -g_ce at the target's column of the rows whose target is in this chunk, -0 (no change) elsewhere
+                g.scatter_add_(1, col, torch.where(inside, g_ce, 0.0).neg_()[:, None])
             if need_kl:
                 log_ps = zs.mul_(inv_t).sub_(lse_s[:, None])  # (N, C), in place of the raw logits
                 ps = log_ps.exp()
@@ -201,8 +220,7 @@ def _jsd_pass(hs32, ws, bs, ht32, wt, bt, lse_s, lse_t, inv_t, beta, chunk_size)
     log_beta, log_1mb = math.log(beta), math.log(1.0 - beta)
     rows = torch.zeros(n, device=hs32.device)
     mean_g = torch.zeros(n, device=hs32.device)
-    for start in range(0, v, chunk_size):
-        stop = min(start + chunk_size, v)
+    for start, stop in vocab_chunks(v, chunk_size):
         log_ps = _chunk_logits(hs32, ws, bs, start, stop) * inv_t - lse_s[:, None]  # (N, C)
         log_pt = _chunk_logits(ht32, wt, bt, start, stop) * inv_t - lse_t[:, None]  # (N, C)
         log_m = torch.logaddexp(log_pt + log_beta, log_ps + log_1mb)
@@ -224,7 +242,7 @@ def fused_head_divergences(
     temperature: float = 1.0,
     targets: torch.Tensor | None = None,
     jsd_beta: float = 0.5,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Per-row divergences between ``softmax(hs W_s^T + b_s)`` and ``softmax(ht W_t^T + b_t)``, never holding more
     than ``N x chunk_size`` logits.
@@ -236,6 +254,7 @@ def fused_head_divergences(
         kinds: any of ``ce`` (needs ``targets`` ``[N]``, ``-100`` rows give 0), ``forward`` ``KL(p_t || p_s)``,
             ``reverse`` ``KL(p_s || p_t)``, ``jsd`` (mixture ``m = jsd_beta p_t + (1 - jsd_beta) p_s``).
         temperature: ``p = softmax(z / T)`` for the divergences (not for ``ce``); no ``T**2`` factor.
+        chunk_size: vocabulary rows per chunk; ``None``: :func:`emkd.chunking.default_chunk_size` of ``hs``'s device.
 
     Returns:
         ``[N, len(kinds)]`` float32, column ``k`` the per-row value of ``kinds[k]``, no reduction.
@@ -260,12 +279,11 @@ def fused_head_divergences(
             raise ValueError(f"kind 'ce' needs targets [N={hs.shape[0]}], got {None if targets is None else tuple(targets.shape)}")
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk_size = resolve_chunk_size(chunk_size, hs.device)
     if hs.shape[0] == 0:
         return hs.new_zeros(0, len(kinds), dtype=torch.float32) + 0.0 * hs.sum()
     return _FusedHeadDivergences.apply(hs, ws, bs, ht, wt, bt, targets, tuple(kinds), float(temperature),
-                                       float(jsd_beta), int(chunk_size))
+                                       float(jsd_beta), chunk_size)
 
 
 class _FusedHeadGram(torch.autograd.Function):
@@ -273,8 +291,8 @@ class _FusedHeadGram(torch.autograd.Function):
     def forward(ctx, h, w, b, chunk_size):
         h32 = h.float()
         gram = h32.new_zeros(*h.shape[:-1], h.shape[-2])  # ([G,] M, M)
-        for start in range(0, w.shape[0], chunk_size):
-            z = _chunk_logits(h32, w, b, start, min(start + chunk_size, w.shape[0]))  # ([G,] M, C)
+        for start, stop in vocab_chunks(w.shape[0], chunk_size):
+            z = _chunk_logits(h32, w, b, start, stop)  # ([G,] M, C)
             gram += z @ z.transpose(-1, -2)
         ctx.chunk_size = chunk_size
         ctx.save_for_backward(h, w, b)
@@ -290,8 +308,7 @@ class _FusedHeadGram(torch.autograd.Function):
         grad_h = torch.zeros_like(h32) if need_h else None
         grad_w = torch.empty(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         grad_b = torch.empty(b.shape, dtype=torch.float32, device=b.device) if need_b else None
-        for start in range(0, w.shape[0], ctx.chunk_size):
-            stop = min(start + ctx.chunk_size, w.shape[0])
+        for start, stop in vocab_chunks(w.shape[0], ctx.chunk_size):
             g = sym @ _chunk_logits(h32, w, b, start, stop)  # ([G,] M, C)
             if need_h:
                 grad_h += g @ w[start:stop].float()
@@ -309,13 +326,14 @@ class _FusedHeadGram(torch.autograd.Function):
 
 
 def fused_head_gram(
-    h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, chunk_size: int = DEFAULT_CHUNK_SIZE
+    h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None, chunk_size: int | None = None
 ) -> torch.Tensor:
     """``Z Z^T`` ``[M, M]`` (float32) of the logits ``Z = h W^T + b`` (``h`` ``[M, D]``, ``W`` ``[V, D]``), summed over
-    vocabulary chunks; ``h`` ``[G, M, D]`` gives ``G`` Gram matrices ``[G, M, M]`` at once. Gradients reach ``h``,
-    ``W`` and ``b`` when they require it."""
+    vocabulary chunks of ``chunk_size`` rows (``None``: :func:`emkd.chunking.default_chunk_size` of ``h``'s device);
+    ``h`` ``[G, M, D]`` gives ``G`` Gram matrices ``[G, M, M]`` at once. Gradients reach ``h``, ``W`` and ``b`` when
+    they require it."""
     if h.dim() not in (2, 3) or w.dim() != 2 or h.shape[-1] != w.shape[1]:
         raise ValueError(
             f"fused_head_gram: h must be [M, D] or [G, M, D] and w [V, D], got {tuple(h.shape)} and {tuple(w.shape)}"
         )
-    return _FusedHeadGram.apply(h, w, b, int(chunk_size))
+    return _FusedHeadGram.apply(h, w, b, resolve_chunk_size(chunk_size, h.device))

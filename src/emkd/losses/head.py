@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from emkd.chunking import DEFAULT_CHUNK_SIZE, check_implementation
+from emkd.chunking import check_implementation
 from emkd.inputs import IGNORE_INDEX, DistillInputs
 from emkd.losses.divergence import forward_kl, jsd, reverse_kl
 from emkd.losses.fused import fused_head_divergences
@@ -51,13 +51,14 @@ def head_divergences(
     targets: torch.Tensor | None = None,
     jsd_beta: float = 0.5,
     implementation: str = "fused",
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-row ``kinds`` between ``student``'s head on rows ``hs`` ``[N, Ds]`` and ``teacher``'s head on the paired
     rows ``ht`` ``[N, Dt]`` (no gradient to the teacher) -> ``{kind: [N] float32}``.
 
     ``ce`` takes ``targets`` ``[N]`` (``-100`` gives 0) and ignores the temperature; the divergences use
-    ``softmax(z / temperature)`` as in :mod:`emkd.losses.divergence`.
+    ``softmax(z / temperature)`` as in :mod:`emkd.losses.divergence`. ``chunk_size`` (fused only): vocabulary rows per
+    chunk, ``None`` for :func:`emkd.chunking.default_chunk_size` of the rows' device.
     """
     check_implementation(implementation)
     if implementation == "naive":
@@ -83,7 +84,7 @@ def response_and_row_divergences(
     rows_t: list[torch.Tensor],
     divergence: str,
     temperature: float = 1.0,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One fused pass over both heads for the response positions and any further paired rows (vision pairs, TPA
     candidates): the rows are stacked after the response rows, so the student head is read once.

@@ -14,8 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from emkd.chunking import DEFAULT_CHUNK_SIZE, check_implementation
-from emkd.inputs import DistillInputs
+from emkd.inputs import DistillInputs, check_common_options
 from emkd.losses.head import head_divergences
 from emkd.losses.normalisation import LossTerms, Term, combine, inputs_counts
 from emkd.losses.response import sum_or_zero
@@ -40,12 +39,13 @@ class SFTLoss(torch.nn.Module):
     Args:
         implementation: ``fused`` (default; chunked over the vocabulary, no ``[R, V]`` logits) | ``naive`` (full
             logits, the reference).
-        chunk_size: vocabulary rows per chunk of the fused path.
+        chunk_size: vocabulary rows per chunk of the fused path; ``None`` (default): by the inputs' device,
+            :func:`emkd.chunking.default_chunk_size` (1024 on the CPU, 8192 on CUDA).
     """
 
-    def __init__(self, implementation: str = "fused", chunk_size: int = DEFAULT_CHUNK_SIZE) -> None:
+    def __init__(self, implementation: str = "fused", chunk_size: int | None = None) -> None:
         super().__init__()
-        check_implementation(implementation)
+        check_common_options(implementation=implementation, chunk_size=chunk_size)
         self.implementation, self.chunk_size = implementation, chunk_size
 
     def extra_repr(self) -> str:

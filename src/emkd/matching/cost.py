@@ -5,13 +5,17 @@ Both sum ``|a - b|`` with a backend of :mod:`emkd.matching.l1_kernels`: ``"auto"
 kernel on CPU tensors when numba is installed (``emkd[fast]``) and ``torch.cdist(p=1)``, the reference, otherwise.
 ``head_l1_cost(..., matching_dtype="bfloat16")`` computes the no-gradient logits behind the cost from bfloat16
 hidden states and heads (opt-in: docs/performance.md section 5 gives what it changes in the matches).
+
+Neither loop over chunks synchronises with the device (no ``.item()``, ``bool(tensor)`` or data-dependent indexing;
+``tests/test_host_sync.py``): the matching waits for the device only in the assignment that follows (SciPy's copy of
+the finished cost to the host).
 """
 
 from __future__ import annotations
 
 import torch
 
-from emkd.chunking import DEFAULT_CHUNK_SIZE, chunk_logits
+from emkd.chunking import chunk_logits, resolve_chunk_size, vocab_chunks
 from emkd.matching.l1_kernels import l1_accumulate, resolve_backend
 
 MATCHING_DTYPES = ("float32", "bfloat16")
@@ -50,7 +54,7 @@ def head_l1_cost(
     ht: torch.Tensor,
     wt: torch.Tensor,
     bt: torch.Tensor | None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     backend: str = "auto",
     matching_dtype: str = "float32",
 ) -> torch.Tensor:
@@ -59,7 +63,7 @@ def head_l1_cost(
     Args:
         hs: ``[Ns, Ds]`` student rows, ``ws`` ``[V, Ds]``, ``bs`` ``[V]``; ``ht`` ``[Nt, Dt]``, ``wt`` ``[V, Dt]``, ``bt``.
             A leading batch dimension (``[G, Ns, Ds]`` and ``[G, Nt, Dt]``) computes ``G`` samples at once.
-        chunk_size: vocabulary rows per chunk.
+        chunk_size: vocabulary rows per chunk; ``None``: :func:`emkd.chunking.default_chunk_size` of ``hs``'s device.
         backend: ``"auto"`` | ``"cdist"`` | ``"numba"`` (:mod:`emkd.matching.l1_kernels`).
         matching_dtype: ``"float32"`` (default: logits as the losses see them) or ``"bfloat16"``: each chunk's logits
             are ``h.bfloat16() @ W.bfloat16().T`` (bfloat16 products, rounded to bfloat16), plus the bias, then summed
@@ -77,6 +81,7 @@ def head_l1_cost(
     if matching_dtype not in MATCHING_DTYPES:
         raise ValueError(f"head_l1_cost: matching_dtype must be one of {MATCHING_DTYPES}, got {matching_dtype!r}")
     backend = resolve_backend(backend, hs, ht)
+    chunk_size = resolve_chunk_size(chunk_size, hs.device)
     if matching_dtype == "bfloat16":
         hs_m, ht_m = hs.detach().bfloat16(), ht.detach().bfloat16()
     else:
@@ -85,8 +90,7 @@ def head_l1_cost(
     bs = None if bs is None else bs.detach()
     bt = None if bt is None else bt.detach()
     cost = torch.zeros(*hs.shape[:-1], ht.shape[-2], device=hs.device)  # ([G,] Ns, Nt) float32
-    for start in range(0, ws.shape[0], chunk_size):
-        stop = min(start + chunk_size, ws.shape[0])
+    for start, stop in vocab_chunks(ws.shape[0], chunk_size):
         zs = _matching_logits(hs_m, ws, bs, start, stop)  # ([G,] Ns, C) float32
         zt = _matching_logits(ht_m, wt, bt, start, stop)  # ([G,] Nt, C) float32
         l1_accumulate(zs, zt, cost, backend)

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from emkd.chunking import DEFAULT_CHUNK_SIZE, check_implementation
+from emkd.chunking import check_implementation
 from emkd.inputs import DistillInputs
 from emkd.matching.cost import head_l1_cost, l1_cost
 from emkd.matching.hungarian import BACKENDS, hungarian_match, hungarian_match_batch
@@ -107,12 +107,13 @@ def pair_vision_tokens(
     b: int,
     matching: str,
     implementation: str = "fused",
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     assignment: str = "auto",
 ) -> VisionPairs | None:
     """Pair sample ``b``'s vision tokens; ``None`` when either side has none (the sample adds nothing).
 
-    ``matching`` is one of :data:`AUTO_MATCHINGS`; ``assignment`` (``BACKENDS``) solves the Hungarian ones.
+    ``matching`` is one of :data:`AUTO_MATCHINGS`; ``assignment`` (``BACKENDS``) solves the Hungarian ones;
+    ``chunk_size``: vocabulary rows per chunk of the fused cost (``None``: :func:`emkd.chunking.default_chunk_size`).
     """
     check_implementation(implementation)
     check_assignment(assignment)
@@ -166,7 +167,7 @@ def pair_batch(
     teacher: DistillInputs,
     matching: str | list[str],
     implementation: str = "fused",
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
     assignment: str = "auto",
 ) -> list[VisionPairs | None]:
     """:func:`pair_vision_tokens` for every sample (``matching`` one name, or one per sample; ``auto`` is resolved

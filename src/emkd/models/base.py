@@ -8,7 +8,10 @@
   What Align-TI needs beyond that is part of the interface too: a forward under the ribbon mask and position ids
   (:meth:`DistillAdapter.augmented_forward`) and attention recording around any forward
   (:meth:`DistillAdapter.recording_attention`). An adapter that cannot do one of them raises a one-line
-  ``NotImplementedError`` naming itself and what it cannot do.
+  ``NotImplementedError`` naming itself and what it cannot do. What an adapter needs from the data is part of the
+  interface as well: whether batches carry the samples' indices (:attr:`DistillAdapter.needs_sample_index`) and a
+  check of the data set before training (:meth:`DistillAdapter.check_dataset`); a teacher read from a cache needs
+  both, a model that runs on the batch neither.
 
 The student (:mod:`emkd.models.student`) and every supported teacher (:mod:`emkd.models.teachers`) implement both.
 """
@@ -76,11 +79,15 @@ class DistillAdapter(ABC):
         side: its :class:`VisionSide`.
         image_keys: the keys of a batch side that hold image inputs the model's forward takes; the other keys
             (``labels``, ``instruction_mask``, Align-TI's bookkeeping) stay out of it.
+        needs_sample_index: the adapter reads each sample's :class:`~emkd.data.PairDataset` index (``index``
+            ``[B]``, :class:`~emkd.data.PairCollator` with ``with_index=True``); a model that runs on the batch
+            does not (the default), a teacher that reads its outputs from a cache does.
     """
 
     model: torch.nn.Module
     side: VisionSide
     image_keys: tuple[str, ...] = ()
+    needs_sample_index: bool = False
 
     @abstractmethod
     def __call__(self, batch: dict[str, torch.Tensor], attention_layer: int | None = None) -> AdapterOutput:
@@ -91,6 +98,11 @@ class DistillAdapter(ABC):
     def num_layers(self) -> int:
         """Number of decoder layers (for Align-TI's IRS over layers)."""
         raise self.unsupported("num_layers (a count of decoder layers)")
+
+    def check_dataset(self, dataset: Any) -> None:
+        """Return when this adapter can run on batches of ``dataset`` (a :class:`~emkd.data.PairDataset`); raise
+        when it cannot, before training starts. A model that runs on the batch accepts any data set (the default);
+        a cached teacher refuses data the cache was not built from."""
 
     def images_of(self, batch: dict[str, Any]) -> dict[str, Any]:
         """The entries of ``batch`` under :attr:`image_keys`, unchanged."""

@@ -77,7 +77,9 @@ class TrainConfig:
         default="emkd",
     )
     stage: str = _help(
-        "'align' (projector only), 'instruct' (LLM + projector), or LLaVA-KD's 'dpt' / 'sft' / 'dft'", default="instruct"
+        "'align' (projector only), 'instruct' (LLM + projector), or LLaVA-KD's 'dpt' / 'sft' / 'dft'; the stage "
+        "'sft' says which parts train and the method 'sft' which loss, and the two combine freely",
+        default="instruct",
     )
     student: str | None = _help("directory of the student checkpoint (model, tokenizer, image processor)", default=None)
     teacher: str | None = _help(

@@ -33,7 +33,7 @@ try:
 except ImportError:  # not POSIX: runs go unlocked
     fcntl = None
 
-from emkd.cache import CachedTeacher, load_cached_teacher
+from emkd.cache import load_cached_teacher
 from emkd.data import PairCollator, PairDataset
 from emkd.models import EfficientMLLMAdapter, check_same_tokenization, load_student, load_teacher
 from emkd.models.compose import DTYPES
@@ -343,14 +343,16 @@ def build_trainer(config: TrainConfig, source: str = "the recipe") -> DistillTra
         on_bad_sample=config.data.on_bad_sample,
         allow_outside_images=config.data.allow_outside_images,
     )
-    cached = isinstance(teacher, CachedTeacher)
-    if cached:
-        teacher.cache.check_dataset(train_set)
+    adapters = [student] if teacher is None else [student, teacher]
+    for adapter in adapters:
+        adapter.check_dataset(train_set)  # a cached teacher refuses data its cache was not built from
     trainer = DistillTrainer(
         model=model,
         args=training_arguments(config),
         train_dataset=train_set,
-        data_collator=PairCollator(student_side, teacher_side, with_index=cached),
+        data_collator=PairCollator(
+            student_side, teacher_side, with_index=any(adapter.needs_sample_index for adapter in adapters)
+        ),
         method=method,
         student_adapter=student,
         teacher_adapter=teacher,
