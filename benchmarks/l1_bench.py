@@ -3,6 +3,7 @@ effect of bfloat16 matching logits.
 
     python benchmarks/l1_bench.py                          # paper scale, about 3-5 minutes on 2 cores
     python benchmarks/l1_bench.py --vocab 16384 --e2e-repeats 1   # a quick look
+    python benchmarks/l1_bench.py --device cuda --backends cdist triton   # only the L1 backends, on a GPU
 
 Inputs (random, float32, SPEC §7): ``V = 151,936``, ``Ds = Dt = 896``, ``B = 2`` samples of ``Ns = 144`` student and
 ``Nt = 729`` teacher vision tokens, in two kinds:
@@ -27,6 +28,12 @@ Parts, all in one process so that each comparison sees the same machine load:
    ``benchmarks/loss_bench.py``'s inputs, with the L1 backend ``auto`` (numba) against numba hidden (``auto`` falls
    back to ``cdist``, today's path), interleaved; the loss terms, gradients and matches of the two are compared.
    Memory is ``loss_bench.py``'s business: the numba kernel allocates nothing beyond the ``[G, Ns, Nt]`` cost.
+
+With ``--backends``, the script runs only a pass like part 2 for the backends named, on ``--device``: the logits
+and costs live on that device, every backend adds to its own cost from the same chunks in rotating order, each call
+timed between two device synchronisations; reported per backend: total time, G ``|a - b|`` per second, the speed-up
+over the first backend named, the costs' largest relative difference from it and the Hungarian matches changed.
+``triton`` needs CUDA tensors (or ``TRITON_INTERPRET=1`` set before the run, far too slow to time).
 
 The figures in docs/performance.md (section 5) come from this script.
 """
@@ -179,6 +186,63 @@ def end_to_end(args: argparse.Namespace) -> dict[str, float]:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so that a timer sees a kernel's whole run."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def backends_pass(kind: str, args: argparse.Namespace) -> dict:
+    """``--backends``: one pass over the vocabulary on ``--device``, every backend adding each chunk's L1 cost to its
+    own ``[B, Ns, Nt]`` cost, in an order that rotates per chunk."""
+    device = torch.device(args.device)
+    hs, ws, ht, wt = (x.to(device) for x in build(kind, args, args.seed))
+    B, Ns, Nt, V = args.batch, args.ns, args.nt, args.vocab
+    backends = [l1_kernels.resolve_backend(name, hs, ht) for name in args.backends]
+    costs = {name: torch.zeros(B, Ns, Nt, device=device) for name in backends}
+    seconds = {name: 0.0 for name in backends}
+    warm = hs[:, :, :8].contiguous(), ht[:, :, :8].contiguous()
+    for name in backends:  # compile, load or warm up every kernel before the timed pass
+        l1_kernels.l1_accumulate(*warm, torch.zeros(B, Ns, Nt, device=device), name)
+    for k, start in enumerate(range(0, V, args.chunk_size)):
+        stop = min(start + args.chunk_size, V)
+        zs, zt = chunk_logits(hs, ws, None, start, stop), chunk_logits(ht, wt, None, start, stop)  # (B, Ns|Nt, C)
+        for i in range(len(backends)):
+            name = backends[(k + i) % len(backends)]
+            synchronize(device)
+            t0 = time.perf_counter()
+            l1_kernels.l1_accumulate(zs, zt, costs[name], name)
+            synchronize(device)
+            seconds[name] += time.perf_counter() - t0
+    reference = assignments(costs[backends[0]])
+    return {
+        "backends": backends,
+        "seconds": seconds,
+        "rel_diff": {name: rel_diff(costs[name], costs[backends[0]]) for name in backends},
+        "changed": {name: changed(assignments(costs[name]), reference) for name in backends},
+        "matches": B * min(Ns, Nt),
+        "abs_diffs": B * Ns * Nt * V,
+    }
+
+
+def backends_only(args: argparse.Namespace) -> None:
+    """The ``--backends`` run: :func:`backends_pass` per input kind, one table."""
+    print(f"python benchmarks/l1_bench.py {' '.join(sys.argv[1:])}".rstrip())
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else platform.machine()
+    print(f"{args.device} ({where}), torch {torch.__version__}; V={args.vocab}, D={args.hidden}, B={args.batch}, "
+          f"Ns={args.ns}, Nt={args.nt}, chunk {args.chunk_size}")
+    first = args.backends[0]
+    print(f"| inputs | backend | L1 time (s) | G/s | speed-up over {first} | cost max rel. diff | matches changed |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
+    for kind in args.kinds:
+        r = backends_pass(kind, args)
+        s = r["seconds"]
+        for name in r["backends"]:
+            print(f"| {kind} | {name} | {s[name]:.3f} | {r['abs_diffs'] / s[name] / 1e9:.2f} | "
+                  f"{s[r['backends'][0]] / s[name]:.2f} x | {r['rel_diff'][name]:.1e} | "
+                  f"{r['changed'][name]} of {r['matches']} |", flush=True)
+
+
 @contextlib.contextmanager
 def numba_hidden():
     """Inside the block, ``backend="auto"`` behaves as without numba installed (today's ``cdist`` path)."""
@@ -242,7 +306,15 @@ def main() -> None:
                         help="length of one probe measurement (it includes one parallel launch, 0.02-7 ms here)")
     parser.add_argument("--threading-layer", default=None, choices=("omp", "tbb", "workqueue"),
                         help="numba threading layer for this process (default: numba's choice, omp here)")
+    parser.add_argument("--backends", nargs="+", default=None, choices=[b for b in l1_kernels.BACKENDS if b != "auto"],
+                        help="run only a timed pass of these L1 backends on --device (the first is the reference)")
+    parser.add_argument("--device", default="cpu", help="device of the --backends pass, e.g. cuda or cuda:1")
     args = parser.parse_args()
+    if args.backends:
+        backends_only(args)
+        return
+    if args.device != "cpu":
+        raise SystemExit("benchmarks/l1_bench.py: --device is for the --backends pass, e.g. --backends cdist triton")
     if not l1_kernels.numba_available():
         raise SystemExit("benchmarks/l1_bench.py needs numba: pip install 'emkd[fast]'")
     import numba

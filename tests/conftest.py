@@ -172,3 +172,27 @@ def _private_cache(tmp_path_factory):
         os.environ.pop("EMKD_CACHE", None)
     else:
         os.environ["EMKD_CACHE"] = old
+
+
+#: node ids of the Triton kernel checks this process leaves to a fresh interpreter process (tests/test_l1_triton.py)
+TRITON_INTERPRETER_ITEMS = pytest.StashKey[list]()
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m have selected
+def pytest_collection_modifyitems(config, items):
+    """The Triton kernel checks (tests of ``tests/test_l1_triton.py`` taking its ``interpreter`` fixture) need triton
+    imported under ``TRITON_INTERPRET=1``. In a process where it was not, they are deselected here and
+    ``test_kernel_checks_in_a_fresh_interpreter_process`` runs exactly them in a new process that sets it, and fails
+    unless every one passes there."""
+    checks = [item for item in items
+              if item.path.name == "test_l1_triton.py" and "interpreter" in getattr(item, "fixturenames", ())]
+    runner = any(item.name == "test_kernel_checks_in_a_fresh_interpreter_process" for item in items)
+    if not checks or not runner:  # without the runner, a check run here fails and says why
+        return
+    from emkd.matching import _l1_triton
+
+    if _l1_triton.language_interpreted():
+        return
+    config.stash[TRITON_INTERPRETER_ITEMS] = [item.nodeid for item in checks]
+    items[:] = [item for item in items if item not in checks]
+    config.hook.pytest_deselected(items=checks)

@@ -29,7 +29,7 @@ from emkd.evaluation import (
     render_prompt,
     run_eval,
 )
-from emkd.evaluation.evaluate import Prediction, measure_ttft
+from emkd.evaluation.evaluate import Prediction, batch_inputs, measure_ttft
 from emkd.inputs import IGNORE_INDEX
 from emkd.models import save_tiny_teacher
 from emkd.models.tiny import build_tiny_student, tiny_image_processor
@@ -247,7 +247,7 @@ def test_bad_eval_records_are_reported_with_their_place(ws, tmp_path, change, me
 
 def test_prompt_is_the_training_rendering_up_to_the_answer(ws):
     """The prompt ids are the ids ``render_side`` gives the full record, cut before the last answer's first token."""
-    model, side = load_for_eval(ws["student"])
+    side = load_for_eval(ws["student"]).side
     for s in read_eval_samples(ws["bench"], ws["images"]):
         images = load_images(s.record, ws["images"])
         prompt = render_prompt(s.prompt_record, images, side)
@@ -357,21 +357,25 @@ def test_hf_teacher(ws, kind, architecture):
     wrapped in <|vision_start|> ... <|vision_end|>, 3D positions from mm_token_type_ids) evaluate, batched or not."""
     path = ws[kind] if kind in ws else save_tiny_teacher(kind, ws["root"] / kind, AutoTokenizer.from_pretrained(
         ws["student"]), seed=1)
-    model, side = load_for_eval(path)
+    adapter = load_for_eval(path)
+    model, side = adapter.model, adapter.side
     assert type(model).__name__ == architecture and not model.training
-    result = _eval(path, ws, ttft_runs=2, ttft_warmup=0, model_and_side=(model, side))
+    result = _eval(path, ws, ttft_runs=2, ttft_warmup=0, adapter=adapter)
     assert result.num_samples == 7
     assert result.vision_tokens_per_image == {"llava": 16.0, "qwen2_vl": 4.0}[kind]
     assert all(isinstance(p.prediction, str) for p in result.predictions)
     assert result.ttft_ms > 0
+    sample = read_eval_samples(ws["bench"], ws["images"])[1]
+    prompt = render_prompt(sample.prompt_record, load_images(sample.record, ws["images"]), side)
+    inputs = batch_inputs(adapter, [prompt])  # the training adapter's model_inputs: M-RoPE ids exactly for Qwen2-VL
+    assert ("mm_token_type_ids" in inputs) == (kind == "qwen2_vl")
     if kind == "qwen2_vl":
-        sample = read_eval_samples(ws["bench"], ws["images"])[1]
-        prompt = render_prompt(sample.prompt_record, load_images(sample.record, ws["images"]), side)
         assert "<|vision_start|><|image_pad|>" in side.tokenizer.decode(prompt.input_ids)
+        assert inputs["mm_token_type_ids"].sum() == prompt.vision_tokens
 
     _sharpen(model)
-    one = _eval(path, ws, max_new_tokens=5, model_and_side=(model, side))
-    four = _eval(path, ws, max_new_tokens=5, batch_size=4, model_and_side=(model, side))
+    one = _eval(path, ws, max_new_tokens=5, adapter=adapter)
+    four = _eval(path, ws, max_new_tokens=5, batch_size=4, adapter=adapter)
     answers = [p.prediction for p in one.predictions]
     assert answers == [p.prediction for p in four.predictions]
     assert len(set(answers)) >= 3
@@ -381,7 +385,8 @@ def test_every_checkpoint_loads_through_the_architecture_registry(ws, monkeypatc
     """The student is one registered architecture among the teachers': evaluation has no branch of its own for it."""
     import emkd.models.teachers as teachers
 
-    model, side = load_for_eval(ws["student"])
+    adapter = load_for_eval(ws["student"])
+    model, side = adapter.model, adapter.side
     assert type(model).__name__ == "EfficientMLLMForCausalLM" and not model.training
     assert not any(p.requires_grad for p in model.parameters())
     assert side.image_token_id == model.config.image_token_id
@@ -391,11 +396,11 @@ def test_every_checkpoint_loads_through_the_architecture_registry(ws, monkeypatc
 
 
 def test_measure_ttft_restores_threads(ws):
-    model, side = load_for_eval(ws["student"])
+    adapter = load_for_eval(ws["student"])
     sample = read_eval_samples(ws["bench"], ws["images"])[1]
-    prompt = render_prompt(sample.prompt_record, load_images(sample.record, ws["images"]), side)
+    prompt = render_prompt(sample.prompt_record, load_images(sample.record, ws["images"]), adapter.side)
     before = torch.get_num_threads()
-    times = measure_ttft(model, side, prompt, runs=4, warmup=1, num_threads=1)
+    times = measure_ttft(adapter, prompt, runs=4, warmup=1, num_threads=1)
     assert len(times) == 4 and all(t > 0 for t in times)
     assert torch.get_num_threads() == before
 

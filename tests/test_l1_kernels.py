@@ -179,8 +179,8 @@ def test_numba_backend_without_numba_says_how_to_install_it(without_numba):
 
 
 def test_unknown_backend_is_rejected():
-    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'cdist', 'numba'\), got 'triton'"):
-        l1_cost(torch.zeros(3, 4), torch.zeros(5, 4), backend="triton")
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'cdist', 'numba', 'triton'\), got 'cuda'"):
+        l1_cost(torch.zeros(3, 4), torch.zeros(5, 4), backend="cuda")
     with pytest.raises(ValueError, match="resolve 'auto' first"):
         l1_kernels.l1_accumulate(torch.zeros(3, 4), torch.zeros(5, 4), torch.zeros(3, 5), "auto")
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -62,7 +61,7 @@ from emkd.data.records import (
 )
 from emkd.data.render import RenderedText, SampleError, encode, render_text
 from emkd.evaluation.normalize import LETTERS, extract_choice, is_correct
-from emkd.models.base import VisionSide
+from emkd.models.base import DistillAdapter, VisionSide
 
 DEFAULT_CATEGORY = "all"
 TTFT_METHOD = "prefill forward: model(**inputs, use_cache=True, logits_to_keep=1) + argmax, batch 1"
@@ -164,8 +163,10 @@ def read_eval_samples(
 
 
 # ---- models ---------------------------------------------------------------------------------------------------------
-def load_for_eval(path: str | os.PathLike, dtype: torch.dtype | None = None) -> tuple[torch.nn.Module, VisionSide]:
-    """``(model, side)`` of a local checkpoint directory, the model frozen and in ``eval()`` mode.
+def load_for_eval(path: str | os.PathLike, dtype: torch.dtype | None = None) -> DistillAdapter:
+    """The :class:`~emkd.models.base.DistillAdapter` of a local checkpoint directory, its model frozen and in
+    ``eval()`` mode; the adapter builds the model's inputs (:meth:`~emkd.models.base.DistillAdapter.model_inputs`)
+    exactly as in training.
 
     Every architecture, this project's student (``"EfficientMLLMForCausalLM"``) included, loads through
     :func:`~emkd.models.teachers.load_teacher`'s registry, which names the supported ones when it refuses a checkpoint.
@@ -173,12 +174,8 @@ def load_for_eval(path: str | os.PathLike, dtype: torch.dtype | None = None) -> 
     from emkd.models.teachers import load_teacher
 
     adapter = load_teacher(path, dtype=dtype)
-    return adapter.model.eval(), adapter.side
-
-
-def _takes_mm_token_type_ids(model: torch.nn.Module) -> bool:
-    """Qwen2-VL / Qwen2.5-VL need ``mm_token_type_ids`` (image tokens = 1) for their 3D rotary positions."""
-    return "mm_token_type_ids" in inspect.signature(model.forward).parameters
+    adapter.model.eval()
+    return adapter
 
 
 # ---- prompts --------------------------------------------------------------------------------------------------------
@@ -244,9 +241,11 @@ def stop_token_ids(model: torch.nn.Module, tokenizer: Any, end_of_turn: str) -> 
     return list(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
-def batch_inputs(model: torch.nn.Module, side: VisionSide, prompts: list[Prompt]) -> dict[str, torch.Tensor]:
-    """Left-padded ``input_ids`` / ``attention_mask`` ``[B, L]`` and the collated image inputs, on the model's device
-    (floating image inputs in the model's dtype)."""
+def batch_inputs(adapter: DistillAdapter, prompts: list[Prompt]) -> dict[str, torch.Tensor]:
+    """The model's inputs for a batch of prompts: left-padded ``input_ids`` / ``attention_mask`` ``[B, L]`` and the
+    collated image inputs, through the adapter's :meth:`~emkd.models.base.DistillAdapter.model_inputs` (the model's
+    device and dtype, and what else the model needs)."""
+    side = adapter.side
     tokenizer = side.tokenizer
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     L = max(p.input_ids.numel() for p in prompts)
@@ -256,27 +255,22 @@ def batch_inputs(model: torch.nn.Module, side: VisionSide, prompts: list[Prompt]
         n = p.input_ids.numel()
         input_ids[b, L - n :] = p.input_ids
         attention_mask[b, L - n :] = 1
-    inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
-    inputs.update(side.collate_image_inputs([p.image_inputs for p in prompts]))
-    if _takes_mm_token_type_ids(model):
-        inputs["mm_token_type_ids"] = (input_ids == side.image_token_id).int()  # (B, L)
-    device, dtype = model.device, model.dtype
-    return {k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) for k, v in inputs.items()}
+    images = side.collate_image_inputs([p.image_inputs for p in prompts])
+    return adapter.model_inputs({"input_ids": input_ids, "attention_mask": attention_mask, **images})
 
 
 @torch.inference_mode()
 def generate_answers(
-    model: torch.nn.Module,
-    side: VisionSide,
+    adapter: DistillAdapter,
     prompts: list[Prompt],
     stop_ids: list[int],
     max_new_tokens: int = 8,
 ) -> list[str]:
     """Greedy answers to a batch of prompts: the text before the first stop id, special tokens skipped, stripped."""
-    tokenizer = side.tokenizer
-    inputs = batch_inputs(model, side, prompts)
+    tokenizer = adapter.side.tokenizer
+    inputs = batch_inputs(adapter, prompts)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
-    out = model.generate(
+    out = adapter.model.generate(
         **inputs, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stop_ids, pad_token_id=pad
     )  # (B, L + new)
     new = out[:, inputs["input_ids"].shape[1] :].tolist()  # B x new
@@ -289,8 +283,7 @@ def generate_answers(
 
 
 def measure_ttft(
-    model: torch.nn.Module,
-    side: VisionSide,
+    adapter: DistillAdapter,
     prompt: Prompt,
     runs: int = 10,
     warmup: int = 2,
@@ -298,7 +291,8 @@ def measure_ttft(
 ) -> list[float]:
     """Wall times (ms) of ``runs`` prefill forwards of one prompt at batch 1, after ``warmup`` untimed ones (see the
     module docstring); ``num_threads`` defaults to ``torch.get_num_threads()``."""
-    inputs = batch_inputs(model, side, [prompt])
+    model = adapter.model
+    inputs = batch_inputs(adapter, [prompt])
     cuda = model.device.type == "cuda"
     previous = torch.get_num_threads()
     torch.set_num_threads(previous if num_threads is None else num_threads)
@@ -395,7 +389,7 @@ def evaluate(
     progress: bool = True,
     batch_size: int = 1,
     ttft_threads: int | None = None,
-    model_and_side: tuple[torch.nn.Module, VisionSide] | None = None,
+    adapter: DistillAdapter | None = None,
 ) -> EvalResult:
     """Evaluate the checkpoint at ``path`` on ``data`` (see the module docstring for the protocol).
 
@@ -409,7 +403,7 @@ def evaluate(
         progress: show a tqdm progress bar on stderr.
         batch_size: prompts per ``generate`` call, left-padded.
         ttft_threads: ``torch.set_num_threads`` for the timing (default: the current number).
-        model_and_side: an already loaded ``(model, side)`` for ``path`` (skips loading).
+        adapter: the already loaded :func:`load_for_eval` of ``path`` (skips loading).
     """
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
@@ -420,8 +414,9 @@ def evaluate(
     if ttft_threads is not None and ttft_threads < 1:
         raise ValueError(f"ttft_threads must be at least 1, got {ttft_threads}")
     samples = read_eval_samples(data, images_dir, limit)
-    model, side = model_and_side if model_and_side is not None else load_for_eval(path)
-    stop_ids = stop_token_ids(model, side.tokenizer, end_of_turn_token(samples[0].record, side.tokenizer))
+    adapter = adapter if adapter is not None else load_for_eval(path)
+    side = adapter.side
+    stop_ids = stop_token_ids(adapter.model, side.tokenizer, end_of_turn_token(samples[0].record, side.tokenizer))
 
     def prompt_of(sample: EvalSample) -> Prompt:
         try:
@@ -438,7 +433,7 @@ def evaluate(
             batch = samples[start : start + batch_size]
             prompts = [prompt_of(s) for s in batch]  # rendered per batch: pixel tensors are not all kept in memory
             per_image += [p.vision_tokens / p.num_images for p in prompts if p.num_images]
-            answers = generate_answers(model, side, prompts, stop_ids, max_new_tokens)
+            answers = generate_answers(adapter, prompts, stop_ids, max_new_tokens)
             for s, text in zip(batch, answers):
                 ok = is_correct(text, s.answer, s.choices)
                 predictions.append(Prediction(s.record.id, s.category, s.question, s.answer, text, ok))
@@ -447,7 +442,7 @@ def evaluate(
     accuracy, counts, correct = _accuracies(predictions)
     timed = next((k for k, s in enumerate(samples) if s.record.image_paths), 0)
     threads = torch.get_num_threads() if ttft_threads is None else ttft_threads
-    times = measure_ttft(model, side, prompt_of(samples[timed]), ttft_runs, ttft_warmup, threads) if ttft_runs else []
+    times = measure_ttft(adapter, prompt_of(samples[timed]), ttft_runs, ttft_warmup, threads) if ttft_runs else []
     return EvalResult(
         model=os.fspath(path),
         data=os.fspath(data),

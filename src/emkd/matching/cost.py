@@ -30,7 +30,7 @@ def l1_cost(a: torch.Tensor, b: torch.Tensor, chunk_size: int = 8192, backend: s
         b: ``[Nt, F]`` (teacher rows).
         chunk_size: features summed per step, so no ``Ns x Nt x F`` tensor ever exists (and, for the numba kernel,
             so that a tile's rows stay in cache).
-        backend: ``"auto"`` | ``"cdist"`` | ``"numba"`` (:mod:`emkd.matching.l1_kernels`).
+        backend: ``"auto"`` | ``"cdist"`` | ``"numba"`` | ``"triton"`` (:mod:`emkd.matching.l1_kernels`).
 
     Returns:
         ``[Ns, Nt]`` float32 cost, ``C[i, j] = sum_f |a[i, f] - b[j, f]|``, without gradient.
@@ -64,7 +64,7 @@ def head_l1_cost(
         hs: ``[Ns, Ds]`` student rows, ``ws`` ``[V, Ds]``, ``bs`` ``[V]``; ``ht`` ``[Nt, Dt]``, ``wt`` ``[V, Dt]``, ``bt``.
             A leading batch dimension (``[G, Ns, Ds]`` and ``[G, Nt, Dt]``) computes ``G`` samples at once.
         chunk_size: vocabulary rows per chunk; ``None``: :func:`emkd.chunking.default_chunk_size` of ``hs``'s device.
-        backend: ``"auto"`` | ``"cdist"`` | ``"numba"`` (:mod:`emkd.matching.l1_kernels`).
+        backend: ``"auto"`` | ``"cdist"`` | ``"numba"`` | ``"triton"`` (:mod:`emkd.matching.l1_kernels`).
         matching_dtype: ``"float32"`` (default: logits as the losses see them) or ``"bfloat16"``: each chunk's logits
             are ``h.bfloat16() @ W.bfloat16().T`` (bfloat16 products, rounded to bfloat16), plus the bias, then summed
             in float32. Faster on CPUs with bfloat16 matrix units; the costs move by about 1e-3 relative, which can

@@ -108,6 +108,17 @@ class DistillAdapter(ABC):
         """The entries of ``batch`` under :attr:`image_keys`, unchanged."""
         return {key: batch[key] for key in self.image_keys if key in batch}
 
+    def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The keyword arguments the model's ``forward`` and ``generate`` take for a batch side: ``input_ids`` and
+        ``attention_mask`` ``[B, L]`` and the entries under :attr:`image_keys`, on the model's device, floating image
+        inputs in the model's dtype. An adapter whose model needs more (Qwen2-VL's ``mm_token_type_ids``) adds it."""
+        device, dtype = self.model.device, self.model.dtype
+        inputs = {"input_ids": batch["input_ids"].to(device), "attention_mask": batch["attention_mask"].to(device)}
+        for key, value in self.images_of(batch).items():
+            value = value.to(device)
+            inputs[key] = value.to(dtype) if value.is_floating_point() else value
+        return inputs
+
     def recording_attention(self, layer: int) -> AbstractContextManager[AttentionRecord]:
         """A context manager that records the head-averaged attention probabilities ``[B, L, L]`` (float32) of
         decoder layer ``layer`` (negative counts from the end) during the forwards run inside it, as

@@ -306,15 +306,8 @@ class HFTeacherAdapter(DistillAdapter):
         return len(self.model.get_decoder().layers)
 
     def model_inputs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The subset of a batch side the model takes, on the model's device, pixels in the model's dtype."""
-        device, dtype = self.model.device, self.model.dtype
-        inputs = {
-            "input_ids": batch["input_ids"].to(device),
-            "attention_mask": batch["attention_mask"].to(device),
-        }
-        for key, value in self.images_of(batch).items():
-            value = value.to(device)
-            inputs[key] = value.to(dtype) if value.is_floating_point() else value
+        """:meth:`DistillAdapter.model_inputs`, plus ``mm_token_type_ids`` ``[B, L]`` when the model needs them."""
+        inputs = super().model_inputs(batch)
         if self.mm_token_type_ids:
             # 0 = text, 1 = image (M-RoPE groups runs of image tokens and gives them 3D positions)
             inputs["mm_token_type_ids"] = (inputs["input_ids"] == self.side.image_token_id).int()

@@ -54,8 +54,7 @@ from typing import Any
 
 import torch
 
-from emkd.chunking import check_implementation
-from emkd.inputs import IGNORE_INDEX, VOCAB_POLICIES, DistillInputs, check_pair
+from emkd.inputs import IGNORE_INDEX, DistillInputs, check_choice, check_common_options, check_pair
 from emkd.losses.align_ti import (
     NORMALISATIONS,
     check_normalisation,
@@ -113,15 +112,10 @@ class TPAOptions:
     def __post_init__(self) -> None:
         if self.num_candidates < 1:
             raise ValueError(f"num_candidates must be >= 1, got {self.num_candidates}")
-        if self.sampling not in SAMPLINGS:
-            raise ValueError(f"sampling must be one of {SAMPLINGS}, got {self.sampling!r}")
+        check_choice("sampling", self.sampling, SAMPLINGS)
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.vocab not in VOCAB_POLICIES:
-            raise ValueError(f"vocab must be one of {VOCAB_POLICIES}, got {self.vocab!r}")
-        check_implementation(self.implementation)
+        check_common_options(vocab=self.vocab, implementation=self.implementation, temperature=self.temperature)
 
 
 @dataclass

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,38 @@ PATH_HINTS = {
     "data.images": "the directory the records' image paths are relative to (runs/demo/data/images for the demo's data)",
     "irs_file": "the JSON written by `emkd irs`",
 }
+
+
+# The experiment trackers a recipe may name in report_to (transformers' integrations of the same names): the
+# modules any one of which makes the tracker usable (transformers' own test), and what to install for it.
+TRACKERS = {
+    "tensorboard": (("tensorboard", "tensorboardX"), "pip install tensorboard (or pip install 'emkd[track]')"),
+    "wandb": (("wandb",), "pip install wandb"),
+    "mlflow": (("mlflow",), "pip install mlflow"),
+}
+NO_TRACKING = "none"
+
+
+def tracker_names(value: Any) -> list[str]:
+    """``report_to`` as a list of :data:`TRACKERS` names, each once: a name, a comma-separated string of names or a
+    list of them; ``None``, ``[]`` and ``"none"`` mean no tracker (the console and ``log.jsonl`` only).
+
+    Raises ``ValueError`` naming the key, the value and the trackers there are (with the closest one to a misspelling).
+    """
+    if value is None:
+        return []
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+        raise ValueError(f"report_to must be a tracker name or a list of them ({', '.join(TRACKERS)} or "
+                         f"{NO_TRACKING}), got {value!r}")
+    names = [item.strip() for item in items if item.strip() and item.strip() != NO_TRACKING]
+    for name in names:
+        if name not in TRACKERS:
+            close = difflib.get_close_matches(name, list(TRACKERS), n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ValueError(f"report_to: {name!r} is not a tracker emkd supports ({hint}supported: "
+                             f"{', '.join(TRACKERS)}, a list of them, or {NO_TRACKING})")
+    return list(dict.fromkeys(names))
 
 
 def _help(text: str, **kw: Any) -> Any:
@@ -136,6 +169,15 @@ class TrainConfig:
     dataloader_workers: int = _help("data loader worker processes", default=0)
     irs_layer: int | None = _help("Align-TI: teacher layer for IVA weights (None: argmax of the IRS file)", default=None)
     irs_file: str | None = _help("Align-TI: JSON written by `emkd irs`", default=None)
+    report_to: list | str | None = _help(
+        "experiment trackers that also receive every log record (loss, objective, each loss component by its name, "
+        "learning rate): 'tensorboard' (event files in output_dir/tensorboard), 'wandb', 'mlflow', or a list of "
+        "them; 'none' or [] (the default): the console and log.jsonl only (docs/training.md#tracking)",
+        default_factory=list,
+    )
+    run_name: str | None = _help(
+        "the run's name in the trackers (None: the name of the output_dir folder)", default=None
+    )
     path_help: dict = _help(
         "where to get each path this recipe needs, by key (student, teacher, data.train, ...): shown in the error "
         "when the path is unset or missing, in place of the generic hint",
@@ -167,6 +209,7 @@ class TrainConfig:
             *first, last = DTYPES
             raise ValueError(f"teacher_dtype must be {', '.join(first)} or {last}, got {self.teacher_dtype!r}")
         _check_ranges(self)
+        self.report_to = tracker_names(self.report_to)
         self.loss = check_loss_options(self.method, self.loss)
 
 
@@ -269,6 +312,18 @@ def _load_recipe(path: str | Path | None, overrides: list[str] | None, source: s
     _refuse_unknown(raw.get("data") or {}, DataConfig, "data.", source)
     raw["data"] = DataConfig(**(raw.get("data") or {}))
     return TrainConfig(**raw)
+
+
+def check_trackers(config: TrainConfig, source: str = "the recipe") -> None:
+    """Check, before any model loads, that the package of every tracker in ``report_to`` is installed.
+
+    Raises a :class:`~emkd.errors.UserError` naming the tracker and the ``pip install`` that provides it.
+    """
+    for name in config.report_to:
+        modules, install = TRACKERS[name]
+        if not any(importlib.util.find_spec(module) is not None for module in modules):
+            raise UserError(f"{source}: report_to={name} needs the {modules[0]} package, which is not installed: "
+                            f"{install}, or drop {name} from report_to")
 
 
 def check_paths(config: TrainConfig, source: str = "the recipe") -> None:

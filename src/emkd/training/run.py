@@ -21,12 +21,14 @@ import signal
 import socket
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 from transformers import TrainingArguments, set_seed
+from transformers.integrations import TensorBoardCallback
 
 try:
     import fcntl
@@ -39,7 +41,7 @@ from emkd.models import EfficientMLLMAdapter, check_same_tokenization, load_stud
 from emkd.models.compose import DTYPES
 from emkd.compat import installed_versions
 from emkd.errors import NonFiniteError, OutputDirError, UserError
-from emkd.training.config import TrainConfig, check_paths
+from emkd.training.config import TrainConfig, check_paths, check_trackers
 from emkd.training.methods import METHODS, build_method
 from emkd.training.stages import apply_stage, trained_parts
 from emkd.training.trainer import (
@@ -55,13 +57,18 @@ from emkd.training.trainer import (
 )
 
 LOCK_FILE = "emkd.lock"
+# Where the trackers of report_to write inside output_dir: TensorBoard's event files, and wandb's offline runs
+# (WANDB_DIR, unless set).
+TENSORBOARD_DIR = "tensorboard"
+WANDB_DIR = "wandb"
 # What a run writes into output_dir (all that --overwrite deletes; anything else there is left alone).
-RUN_FILES = ("log.jsonl", "recipe.json", "environment.json", "summary.json", "final", "final.partial", "final.old")
+RUN_FILES = ("log.jsonl", "recipe.json", "environment.json", "summary.json", "final", "final.partial", "final.old",
+             TENSORBOARD_DIR, WANDB_DIR)
 # Recipe keys a resumed run may change: they do not change what is being trained (the length of the run does: a
 # longer max_steps stretches the schedule from the checkpoint on). The learning rate and its schedule are not among
 # them: the checkpoint's optimizer and scheduler states would silently override a new value.
 NOT_FINGERPRINTED = ("output_dir", "logging_steps", "save_steps", "save_total_limit", "dataloader_workers", "path_help",
-                     "on_nonfinite", "max_consecutive_nonfinite", "max_steps", "num_epochs")
+                     "on_nonfinite", "max_consecutive_nonfinite", "max_steps", "num_epochs", "report_to", "run_name")
 # Keys added after runs were first fingerprinted, recorded only when set: a checkpoint written before they existed
 # still resumes under the same recipe, and one written with a value refuses a recipe without it.
 RECORDED_WHEN_SET = ("vision_tower_lr", "projector_lr")
@@ -255,7 +262,8 @@ def training_arguments(config: TrainConfig, **overrides: Any) -> TrainingArgumen
         save_strategy="steps" if config.save_steps > 0 else "no",
         save_steps=max(config.save_steps, 1),
         save_total_limit=config.save_total_limit,
-        report_to=[],
+        report_to=list(config.report_to),
+        run_name=run_name(config),
         remove_unused_columns=False,
         dataloader_num_workers=config.dataloader_workers,
         use_cpu=not torch.cuda.is_available(),
@@ -265,6 +273,54 @@ def training_arguments(config: TrainConfig, **overrides: Any) -> TrainingArgumen
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
+
+
+def run_name(config: TrainConfig) -> str:
+    """The run's name in the trackers: the recipe's ``run_name``, else the name of its ``output_dir`` folder."""
+    return config.run_name or Path(config.output_dir).resolve().name
+
+
+def attach_tensorboard(trainer: DistillTrainer, config: TrainConfig, resumed_step: int | None = None) -> Path | None:
+    """Point the run's TensorBoard callback (``report_to: tensorboard``) at ``output_dir/tensorboard``, or at
+    ``TENSORBOARD_LOGGING_DIR`` when that is set; return the folder (``None`` without TensorBoard).
+
+    A run resumed from step ``resumed_step`` writes with ``purge_step = resumed_step + 1``: TensorBoard hides what an
+    earlier attempt logged after the checkpoint, as ``log.jsonl`` is cut back, so every step shows once.
+    """
+    callback = next((c for c in trainer.callback_handler.callbacks if isinstance(c, TensorBoardCallback)), None)
+    if callback is None:
+        return None
+    if callback.logging_dir is None:  # TENSORBOARD_LOGGING_DIR unset
+        callback.logging_dir = str(Path(config.output_dir) / TENSORBOARD_DIR)
+    if resumed_step is not None and trainer.is_world_process_zero() and callback.tb_writer is None:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # transformers' fallback when only tensorboardX is installed
+            from tensorboardX import SummaryWriter
+        callback.tb_writer = SummaryWriter(log_dir=callback.logging_dir, purge_step=resumed_step + 1)
+    return Path(callback.logging_dir)
+
+
+@contextmanager
+def tracker_environment(config: TrainConfig) -> Iterator[None]:
+    """While the run trains: wandb's files under ``output_dir`` (``WANDB_DIR``) in the project ``emkd``
+    (``WANDB_PROJECT``), each unless already set, and afterwards the environment as it was and the wandb run that
+    training started finished (one started by the caller is left open)."""
+    defaults, wandb = {}, None
+    if "wandb" in config.report_to:
+        import wandb
+
+        defaults = {"WANDB_DIR": str(Path(config.output_dir).resolve()), "WANDB_PROJECT": "emkd"}
+    added = {key: value for key, value in defaults.items() if key not in os.environ}
+    callers_run = wandb is not None and wandb.run is not None
+    os.environ.update(added)
+    try:
+        yield
+    finally:
+        for key in added:
+            os.environ.pop(key, None)
+        if wandb is not None and not callers_run and wandb.run is not None:
+            wandb.finish()
 
 
 def learning_rates(config: TrainConfig) -> dict[str, float]:
@@ -305,9 +361,10 @@ def build_vsd_projector(method: Any, student: torch.nn.Module, teacher: Any) -> 
 def build_trainer(config: TrainConfig, source: str = "the recipe") -> DistillTrainer:
     """Everything ``train`` needs, without running it (tests use this to inspect a run).
 
-    ``source`` names the recipe in errors about its paths, which are checked before any model loads.
+    ``source`` names the recipe in errors about its paths and trackers, which are checked before any model loads.
     """
     check_paths(config, source)
+    check_trackers(config, source)
     set_seed(config.seed)
     model, student_side = load_student(config.student)
     apply_stage(model, config.stage, config.train_vision_tower)
@@ -363,6 +420,7 @@ def build_trainer(config: TrainConfig, source: str = "the recipe") -> DistillTra
     )
     trainer.student_side = student_side
     trainer.part_learning_rates = learning_rates(config)
+    attach_tensorboard(trainer, config)
     return trainer
 
 
@@ -370,7 +428,8 @@ def train(config: TrainConfig, resume: bool = False, source: str = "the recipe",
     """Run a recipe; return a summary (steps, final loss, where the model is, skipped records).
 
     Besides checkpoints and logs, ``output_dir`` receives ``recipe.json`` (the resolved recipe) and
-    ``environment.json`` (Python's and the libraries' versions, :func:`emkd.compat.installed_versions`).
+    ``environment.json`` (Python's and the libraries' versions, :func:`emkd.compat.installed_versions`), and the
+    files of the ``report_to`` trackers that write locally (``tensorboard/``, ``wandb/``).
 
     ``resume`` continues the run in ``output_dir`` from its newest intact checkpoint; ``overwrite`` deletes that run
     and starts over; with neither, ``output_dir`` must be empty or absent (:func:`prepare_output_dir`). A run that
@@ -380,6 +439,7 @@ def train(config: TrainConfig, resume: bool = False, source: str = "the recipe",
     if resume and overwrite:
         raise UserError("--resume continues the run in output_dir and --overwrite deletes it: pass one of them")
     check_paths(config, source)  # before the folder is touched (--overwrite deletes)
+    check_trackers(config, source)
     out = Path(config.output_dir)
     lock = RunLock(out)
     if _launch_rank() == 0:
@@ -399,11 +459,14 @@ def _train_locked(config: TrainConfig, resume: bool, overwrite: bool, source: st
         (out / "recipe.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
         (out / "environment.json").write_text(json.dumps(installed_versions(), indent=2))
         (out / "summary.json").unlink(missing_ok=True)  # an earlier attempt's
+    if checkpoint:
+        attach_tensorboard(trainer, config, resumed_step=int(Path(checkpoint).name.split("-")[1]))
     interrupt = InterruptCallback()
     trainer.add_callback(interrupt)
     interrupt.install()
     try:
-        result = trainer.train(resume_from_checkpoint=checkpoint)
+        with tracker_environment(config):
+            result = trainer.train(resume_from_checkpoint=checkpoint)
     except NonFiniteError as e:
         for callback in trainer.callback_handler.callbacks:  # close the progress bar before the error is printed
             bar = getattr(callback, "training_bar", None)
