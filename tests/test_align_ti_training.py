@@ -259,8 +259,49 @@ def test_one_augmented_pass_equals_separate_runs(workspace, student, kind):
 def test_mrope_teachers_are_refused(workspace, kind):
     teacher = _teacher(workspace, kind)
     architecture = type(teacher.model).__name__
-    with pytest.raises(NotImplementedError, match=architecture):
+    with pytest.raises(NotImplementedError, match=architecture) as error:
         check_tpa_support(teacher)
+    assert "set tpa: false under the recipe's loss:" in str(error.value)  # the refusal names the switch
+
+
+def test_align_ti_without_tpa_reads_ce_iva_kd_from_normal_passes(workspace, student, llava):
+    """``tpa=False`` gives the CE, IVA and KD of the full step (whose augmented pass equals a normal pass at the
+    ground-truth tokens) and a TPA of exactly 0."""
+    _, batch = _pair_batch(workspace, student, llava)
+    full_loss, full = align_ti_step(student, llava, batch, iva_layer=-1, num_candidates=2, sampling="greedy")
+    loss, parts = align_ti_step(student, llava, batch, iva_layer=-1, tpa=False)
+    for name in ("ce", "iva", "kd"):
+        assert float(parts[name].detach()) > 0, name
+        torch.testing.assert_close(parts[name], full[name], atol=1e-5, rtol=1e-5)
+    assert float(parts["tpa"].detach()) == 0.0 and parts["candidates"].shape[1] == 0
+    torch.testing.assert_close(loss, parts["ce"] + parts["iva"] + parts["kd"])
+    loss.backward()
+    assert all(p.grad is None for p in llava.model.parameters())
+    with pytest.raises(ValueError, match="tpa must be true or false"):
+        align_ti_step(student, llava, batch, iva_layer=-1, tpa="no")
+
+
+@pytest.mark.parametrize("kind", ["qwen2_vl"])
+def test_align_ti_without_tpa_trains_on_an_mrope_teacher(tmp_path, kind):
+    """The switch the refusal names: Align-TI with ``loss.tpa=false`` trains end to end (``emkd train``'s
+    :func:`train`) on a Qwen2-VL teacher, whose TPA is refused."""
+    from _workspace import build_workspace
+    from emkd.training.config import load_recipe
+    from emkd.training.run import train
+
+    ws = build_workspace(tmp_path / "ws", teacher_kind=kind)
+    out = tmp_path / "run"
+    sets = [f"student={ws['student']}", f"teacher={ws['teacher']}", f"data.train={ws['train']}",
+            f"data.images={ws['images']}", f"output_dir={out}", "batch_size=4", "learning_rate=0.003",
+            "lr_scheduler=constant", "warmup_ratio=0", "method=align_ti", "irs_layer=1", "max_steps=4"]
+    with pytest.raises(NotImplementedError, match="set tpa: false"):
+        train(load_recipe(None, [*sets[:4], f"output_dir={tmp_path / 'refused'}", *sets[5:]]))
+    summary = train(load_recipe(None, [*sets, "loss.tpa=false"]))
+    assert summary["global_step"] == 4
+    logs = [json.loads(line) for line in open(out / "log.jsonl")]
+    logs = [r for r in logs if "objective" in r]
+    assert len(logs) == 4 and all(r["tpa"] == 0.0 and r["iva"] > 0 and r["kd"] > 0 for r in logs)
+    assert logs[-1]["objective"] < logs[0]["objective"]
 
 
 # ---- losses -----------------------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 * :mod:`emkd.data.records`: read LLaVA (``conversations``) and Hugging Face (``messages``) records from JSON or JSONL,
   decoding each record on its own, normalise them to :class:`Record`, and validate them (:class:`BadRecord` lists
   every problem with file and line; image paths stay inside the image folder unless the caller opts out).
+* :mod:`emkd.data.sources`: parquet files and ``datasets`` folders (images embedded as bytes), mixture files of
+  several sources with sampling strategies (LLaVA-NeXT's data YAMLs).
 * :mod:`emkd.data.render`: the ``chat`` and ``plain`` templates, tokenization with exact assistant-only labels and
   instruction masks, and :func:`render_pair` (one conversation, two vision sides, identical text tokens).
 * :mod:`emkd.data.dataset`: :class:`PairDataset` (validates upfront, renders lazily; the scan is remembered across

@@ -98,7 +98,8 @@ def scan_file(
     """Read and validate every record of ``path``; render each good one when sides are given.
 
     Args:
-        path: a JSON list or JSONL file (LLaVA or Hugging Face ``messages`` records).
+        path: a JSON list, JSONL or parquet file (LLaVA or Hugging Face ``messages`` records), or a mixture file of
+            such sources (:mod:`emkd.data.sources`).
         images_dir: where image paths resolve (``None``: the data file's directory).
         student_side, teacher_side: both or neither; with them, each record is rendered as training renders it
             (images are loaded and preprocessed by both sides).
@@ -193,7 +194,8 @@ class CountingSide(VisionSide):
 
 def add_check_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the arguments of ``emkd data check`` to ``parser``; pair with ``parser.set_defaults(func=run_check)``."""
-    parser.add_argument("file", help="a JSON list or JSONL data file (LLaVA or Hugging Face 'messages' records)")
+    parser.add_argument("file", help="a JSON list, JSONL or parquet data file (LLaVA or Hugging Face 'messages' "
+                        "records), or a .yaml mixture of such files")
     parser.add_argument("--images", metavar="DIR", default=None, help="image root (default: the data file's folder)")
     parser.add_argument("--template", choices=TEMPLATES, default="chat", help="rendering template (default: chat)")
     parser.add_argument(

@@ -34,6 +34,7 @@ from emkd.data.records import (
     resolve_image,
 )
 from emkd.data.render import TEMPLATES, SampleError, render_pair
+from emkd.data.sources import data_files
 from emkd.errors import UserError
 from emkd.models.base import VisionSide
 
@@ -44,7 +45,8 @@ class PairDataset(torch.utils.data.Dataset):
     """Conversations of one data file, each rendered for the student and the teacher.
 
     Args:
-        path: a JSON list or JSONL file of LLaVA or Hugging Face ``messages`` records.
+        path: a JSON list, JSONL or parquet file, a ``datasets`` ``save_to_disk`` folder, or a mixture file, of
+            LLaVA or Hugging Face ``messages`` records (:mod:`emkd.data.sources`).
         images_dir: where image paths resolve (``None``: the data file's directory).
         student_side, teacher_side: the two models' :class:`emkd.models.VisionSide`.
         template: ``"chat"`` (the tokenizer's chat template) or ``"plain"`` (LLaVA caption pretraining).
@@ -165,7 +167,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "emkd"
 
 
-SCAN_CACHE_VERSION = 2
+SCAN_CACHE_VERSION = 3
 
 
 def images_fingerprint(
@@ -177,12 +179,13 @@ def images_fingerprint(
     digest = hashlib.sha256()
     seen: set[str] = set()
     for record in records:
-        if not isinstance(record, Record):
+        if not isinstance(record, Record) or record.embedded:  # embedded images: the data file's stat covers them
             continue
+        folder = record.images_dir if record.images_dir is not None else images_dir
         for p in record.image_paths:
-            if not allow_outside_images and outside_problem(p, images_dir, record.source.file) is not None:
+            if not allow_outside_images and outside_problem(p, folder, record.source.file) is not None:
                 continue
-            resolved = resolve_image(p, images_dir, record.source.file)
+            resolved = resolve_image(p, folder, record.source.file)
             if resolved in seen:
                 continue
             seen.add(resolved)
@@ -215,10 +218,13 @@ def cached_scan(
     """
     if os.environ.get("EMKD_CACHE") == "0":
         return scan_file(path, images_dir, student_side, teacher_side, template, max_length, allow_outside_images)
-    stat = os.stat(path)
+    files = []
+    for file in data_files(os.fspath(path)):  # a mixture: the mixture file and every source
+        stat = os.stat(file)
+        files.append([os.path.abspath(file), stat.st_size, stat.st_mtime_ns])
     items = list(read_records(path))
     key = hashlib.sha256(json.dumps([
-        SCAN_CACHE_VERSION, os.path.abspath(path), stat.st_size, stat.st_mtime_ns,
+        SCAN_CACHE_VERSION, files,
         None if images_dir is None else os.path.abspath(images_dir),
         images_fingerprint(items, images_dir, allow_outside_images), template, max_length, allow_outside_images,
         side_fingerprint(student_side), side_fingerprint(teacher_side),
@@ -229,7 +235,7 @@ def cached_scan(
             saved = json.loads(cache.read_text())
             good = set(saved["good"])
             report = CheckReport(os.fspath(path))
-            report.records = [r for r in items if isinstance(r, Record) and source_key(r.source) in good]
+            report.records = [r for r in items if isinstance(r, Record) and _scan_key(r.source) in good]
             report.bad = [
                 BadRecord(Source(**b["source"]), b["id"], tuple(Problem(**p) for p in b["problems"]))
                 for b in saved["bad"]
@@ -240,7 +246,7 @@ def cached_scan(
             return report
     report = scan_file(path, images_dir, student_side, teacher_side, template, max_length, allow_outside_images)
     payload = {
-        "good": [source_key(r.source) for r in report.records],
+        "good": [_scan_key(r.source) for r in report.records],
         "bad": [{"source": vars(b.source), "id": b.record_id, "problems": [vars(p) for p in b.problems]}
                 for b in report.bad],
     }
@@ -255,5 +261,13 @@ def cached_scan(
 
 
 def source_key(source: Source) -> str:
-    """A record's place in its file, independent of the file's path: ``"line:index"`` (one of them is ``None``)."""
+    """A record's place in its file, independent of the file's path: ``"line:index"`` (one of them is ``None``), or
+    ``"row:N"`` for a parquet row."""
+    if source.row is not None:
+        return f"row:{source.row}"
     return f"{source.line}:{source.index}"
+
+
+def _scan_key(source: Source) -> str:
+    """A record's place among the records of a data path (a mixture's come from several files)."""
+    return f"{os.path.abspath(source.file)}\x00{source_key(source)}"

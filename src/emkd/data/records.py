@@ -1,6 +1,7 @@
 """Reading and validating conversation records (LLaVA and Hugging Face ``messages`` formats).
 
-Two on-disk formats are read, either as a JSON list or as JSONL (one record per line):
+Two record formats are read, from a JSON list, JSONL (one record per line, streamed), parquet files and ``datasets``
+folders (images may be embedded as bytes), or a mixture of such files (:mod:`emkd.data.sources`):
 
 * LLaVA: ``{"id": ..., "image": "rel/path.png" | [paths], "conversations": [{"from": "human"|"gpt"|"system",
   "value": "...<image>..."}]}``; ``"images": [paths]`` is accepted in place of ``"image"``, and ``"user"`` /
@@ -46,6 +47,7 @@ Rendering adds ``too_long``, ``image_token_in_text`` and ``template`` problems (
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import json
 import os
 import re
@@ -80,13 +82,17 @@ PROBLEM_KINDS = (
 
 @dataclass(frozen=True)
 class Source:
-    """Where a record comes from: ``file`` and either a 1-based ``line`` (JSONL) or a 0-based ``index`` (JSON list)."""
+    """Where a record comes from: ``file`` and either a 1-based ``line`` (JSONL), a 0-based ``index`` (JSON list) or
+    a 0-based ``row`` (parquet)."""
 
     file: str
     line: int | None = None
     index: int | None = None
+    row: int | None = None
 
     def __str__(self) -> str:
+        if self.row is not None:
+            return f"{self.file}:row {self.row}"
         if self.line is not None:
             return f"{self.file}:{self.line}"
         if self.index is not None:
@@ -119,12 +125,19 @@ class Turn(NamedTuple):
 
 @dataclass(frozen=True)
 class Record:
-    """One conversation, normalised from either format; ``image_paths`` are as written in the file."""
+    """One conversation, normalised from either format; ``image_paths`` are as written in the file.
+
+    ``embedded``: the images are bytes inside the data file (parquet), ``image_paths`` only name them.
+    ``images_dir``: this record's own images folder (a mixture source's ``image_folder``), used in place of the
+    caller's when not ``None``.
+    """
 
     id: str | None
     source: Source
     messages: tuple[Turn, ...]
     image_paths: tuple[str, ...]
+    embedded: bool = False
+    images_dir: str | None = None
 
     @property
     def num_image_markers(self) -> int:
@@ -264,10 +277,13 @@ def parse_record(obj: Any, source: Source) -> Record:
 
 
 class RawRecord(NamedTuple):
-    """One decoded JSON value of a data file and where it is (before :func:`parse_record`)."""
+    """One decoded JSON value of a data file and where it is (before :func:`parse_record`); ``images_dir`` and
+    ``embedded`` as in :class:`Record`."""
 
     source: Source
     obj: Any
+    images_dir: str | None = None
+    embedded: bool = False
 
 
 _WHITESPACE = " \t\n\r"  # JSON's insignificant whitespace
@@ -359,41 +375,73 @@ def _json_list(path: str, text: str, start: int) -> Iterator[RawRecord | BadReco
 
 
 def read_objects(path: str | os.PathLike) -> Iterator[RawRecord | BadRecord]:
-    """Every record of a JSON list or JSONL file, decoded but not normalised, in file order: a :class:`RawRecord`
-    or, when its bytes are not UTF-8 (``encoding``) or it does not parse (``malformed_json``), a :class:`BadRecord`.
+    """Every record of a data file, decoded but not normalised, in file order: a :class:`RawRecord` or, when its
+    bytes are not UTF-8 (``encoding``) or it does not parse (``malformed_json``), a :class:`BadRecord`.
 
-    A file whose name ends in ``.jsonl`` or whose first non-blank character is not ``[`` is read as JSONL: one record
-    per ``\\n``-separated line, blank lines skipped, each line decoded on its own. A JSON list is read element by
-    element (see :func:`_json_list`).
+    A ``.parquet`` file is read one row group at a time and a ``.yaml`` / ``.yml`` file is a mixture of sources
+    (:mod:`emkd.data.sources`). Otherwise a file whose name ends in ``.jsonl`` or whose first non-blank character is
+    not ``[`` is read as JSONL, streamed: one record per ``\\n``-separated line, blank lines skipped, each line decoded
+    on its own, never the whole file in memory. A JSON list is read whole, element by element (see
+    :func:`_json_list`).
     """
+    from emkd.data import sources
+
     path = os.fspath(path)
-    with open(path, "rb") as fh:
-        data = fh.read()
-    if data.startswith(codecs.BOM_UTF8):
-        data = data[len(codecs.BOM_UTF8):]
-    text = data.decode("utf-8", errors="surrogateescape")  # each bad byte becomes one U+DC80..U+DCFF character
-    first = _skip_ws(text, 0)
-    if not path.endswith(".jsonl") and text.startswith("[", first):
-        yield from _json_list(path, text, first)
+    if sources.is_parquet(path):
+        yield from sources.read_parquet(path)
         return
-    offset = 0
-    for lineno, line in enumerate(text.split("\n"), start=1):
-        begin, offset = offset, offset + len(line) + 1
-        if not line.strip():
-            continue
-        source = Source(path, line=lineno)
-        bad = _first_bad_byte(line)
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            problem = _encoding_problem(text, begin + bad) if bad is not None else Problem(
-                "malformed_json", f"invalid JSON: {e}")
-            yield BadRecord(source, None, (problem,))
-            continue
-        if bad is not None:
-            yield BadRecord(source, _record_id(obj), (_encoding_problem(text, begin + bad),))
-            continue
-        yield RawRecord(source, obj)
+    if sources.is_mixture(path):
+        yield from sources.read_mixture_objects(path)
+        return
+    if sources.is_arrow_dir(path):
+        yield from sources.read_arrow_dir(path)
+        return
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+        if head.startswith(codecs.BOM_UTF8):
+            head = head[len(codecs.BOM_UTF8):]
+        while head and not head.lstrip(b" \t\n\r"):
+            more = fh.read(4096)
+            if not more:
+                break
+            head += more
+        if not path.endswith(".jsonl") and head.lstrip(b" \t\n\r").startswith(b"["):
+            fh.seek(0)
+            data = fh.read()
+            if data.startswith(codecs.BOM_UTF8):
+                data = data[len(codecs.BOM_UTF8):]
+            text = data.decode("utf-8", errors="surrogateescape")  # each bad byte becomes one U+DC80..U+DCFF char
+            del data
+            yield from _json_list(path, text, _skip_ws(text, 0))
+            return
+        fh.seek(0)
+        for lineno, raw in enumerate(fh, start=1):  # a binary file splits at b"\n" only
+            if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+                raw = raw[len(codecs.BOM_UTF8):]
+            line = raw.decode("utf-8", errors="surrogateescape")
+            if line.endswith("\n"):
+                line = line[:-1]
+            if not line.strip():
+                continue
+            source = Source(path, line=lineno)
+            bad = _first_bad_byte(line)
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                problem = _line_encoding_problem(line, lineno, bad) if bad is not None else Problem(
+                    "malformed_json", f"invalid JSON: {e}")
+                yield BadRecord(source, None, (problem,))
+                continue
+            if bad is not None:
+                yield BadRecord(source, _record_id(obj), (_line_encoding_problem(line, lineno, bad),))
+                continue
+            yield RawRecord(source, obj)
+
+
+def _line_encoding_problem(line: str, lineno: int, pos: int) -> Problem:
+    """:func:`_encoding_problem` for character ``pos`` of line ``lineno`` (1-based) of a JSONL file."""
+    problem = _encoding_problem(line, pos)
+    return Problem(problem.kind, problem.reason.replace("at line 1,", f"at line {lineno},", 1))
 
 
 def read_records(path: str | os.PathLike) -> Iterator[Record | BadRecord]:
@@ -405,14 +453,17 @@ def read_records(path: str | os.PathLike) -> Iterator[Record | BadRecord]:
     file, at the line the parser stopped.
     """
     for item in read_objects(path):
-        yield item if isinstance(item, BadRecord) else _parsed(item.obj, item.source)
+        yield item if isinstance(item, BadRecord) else _parsed(item.obj, item.source, item.images_dir, item.embedded)
 
 
-def _parsed(obj: Any, source: Source) -> Record | BadRecord:
+def _parsed(obj: Any, source: Source, images_dir: str | None = None, embedded: bool = False) -> Record | BadRecord:
     try:
-        return parse_record(obj, source)
+        record = parse_record(obj, source)
     except RecordError as e:
         return BadRecord(source, _record_id(obj), (e.problem,))
+    if images_dir is not None or embedded:
+        record = dataclasses.replace(record, images_dir=images_dir, embedded=embedded and bool(record.image_paths))
+    return record
 
 
 # ---- images ---------------------------------------------------------------------------------------------------------
@@ -466,6 +517,10 @@ def load_images(
     """
     from PIL import Image
 
+    if record.embedded:
+        return _embedded_images(record)
+    if record.images_dir is not None:
+        images_dir = record.images_dir
     out = []
     for p in record.image_paths:
         problem = None if allow_outside_images else outside_problem(p, images_dir, record.source.file)
@@ -480,6 +535,26 @@ def load_images(
                 problem = Problem("unreadable_image", f"image {p!r} cannot be decoded ({type(e).__name__}: {e})")
         if problem is not None:
             raise RecordError(problem.kind, problem.reason, record.source, record.id)
+    return out
+
+
+def _embedded_images(record: Record, convert: bool = True) -> list:
+    """The embedded images of a parquet record (decoded, RGB); raises :class:`RecordError` (``unreadable_image``)."""
+    from emkd.data.sources import decode_embedded, embedded_image_bytes
+
+    try:
+        blobs = embedded_image_bytes(record.source.file, record.source.row)
+    except Exception as e:  # the file changed or is damaged since it was read
+        raise RecordError("unreadable_image", f"the images of this row cannot be read back ({type(e).__name__}: {e})",
+                          record.source, record.id) from e
+    out = []
+    for name, data in zip(record.image_paths, blobs):
+        try:
+            out.append(decode_embedded(name, data, convert))
+        except Exception as e:  # Pillow raises many types for broken bytes
+            why = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", "its bytes", str(e))
+            raise RecordError("unreadable_image", f"embedded image {name!r} cannot be decoded ({type(e).__name__}: "
+                              f"{why})", record.source, record.id) from e
     return out
 
 
@@ -542,6 +617,15 @@ def validate_record(
     n_markers, n_images = record.num_image_markers, len(record.image_paths)
     if n_markers != n_images:
         problems.append(Problem("image_count", f"{n_markers} <image> markers but {n_images} images"))
+    if record.embedded:
+        if check_images:
+            try:
+                _embedded_images(record, convert=False)
+            except RecordError as e:
+                problems.append(e.problem)
+        return problems
+    if record.images_dir is not None:
+        images_dir = record.images_dir
     for p in record.image_paths:
         outside = None if allow_outside_images else outside_problem(p, images_dir, record.source.file)
         if outside is not None:

@@ -30,10 +30,18 @@ decoder (``language_model.get_decoder()``), which every Hugging Face decoder ret
 ``hidden_states[-1]`` of ``output_hidden_states=True`` (post-norm in Qwen2, but not in every family, and it would keep
 every layer's states alive). Language models that rescale or soft-cap their logits are refused, since then
 ``logits`` would not be an affine function of ``hidden``.
+
+This file is also the student's remote code: ``save_pretrained`` copies it next to the checkpoint and writes
+``auto_map`` (``AutoConfig``, ``AutoModelForCausalLM``, ``AutoProcessor`` -> :class:`EfficientMLLMProcessor`) into
+``config.json``, so ``from_pretrained(directory, trust_remote_code=True)`` loads it where emkd is not installed. It
+must therefore import only torch, transformers (and huggingface_hub) at module level, with no relative imports;
+``tests/test_hub_student.py`` loads a saved copy in a Python that cannot import emkd. Only inside emkd are the
+classes registered with the Auto classes, so emkd keeps loading its checkpoints without ``trust_remote_code``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -43,12 +51,17 @@ from huggingface_hub.dataclasses import strict
 from torch import nn
 from transformers import (
     AutoConfig,
+    AutoImageProcessor,
     AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    BatchFeature,
     GenerationMixin,
     PreTrainedConfig,
     PreTrainedModel,
+    ProcessorMixin,
 )
 from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache
@@ -57,9 +70,28 @@ from transformers.image_processing_utils import select_best_resolution
 from transformers.modeling_utils import slice_logits_to_keep
 from transformers.utils import ModelOutput
 
-from ..compat import CACHE_KEY, pop_cache
+try:  # inside emkd, the releases' differences are resolved in one place, emkd.compat
+    if not __name__.startswith("emkd."):
+        raise ImportError(__name__)
+    from emkd.compat import CACHE_KEY, pop_cache
+except ImportError:  # this file saved next to a checkpoint and loaded as remote code: emkd.compat's logic, inlined
+    import inspect as _inspect
+
+    CACHE_KEY = (
+        "cache" if "cache" in _inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+        else "past_key_values"
+    )
+
+    def pop_cache(kwargs: dict[str, Any]) -> Any:
+        found = {name: kwargs.pop(name) for name in ("cache", "past_key_values") if kwargs.get(name) is not None}
+        for name in ("cache", "past_key_values"):
+            kwargs.pop(name, None)
+        if len(found) > 1:
+            raise ValueError("pass the decoder cache once, as `cache` or as `past_key_values`, not both")
+        return next(iter(found.values()), None)
 
 COMPRESSORS = ("pool", "none")
+IMAGE_TOKEN = "<image>"
 # Attributes of a text config that make logits something other than ``hidden @ W.T (+ b)``.
 _LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -184,6 +216,15 @@ class EfficientMLLMConfig(PreTrainedConfig):
                         f"multiples of the tower's image_size={self.tile_size}"
                     )
 
+    def save_pretrained(self, save_directory: Any, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """Hugging Face's, and with the code shipped (``register_for_auto_class``) ``auto_map`` also names
+        :class:`EfficientMLLMProcessor`, defined in the same file, for ``AutoProcessor``."""
+        if self._auto_class is not None:
+            module = type(self).__module__.split(".")[-1]
+            auto_map = dict(getattr(self, "auto_map", None) or {})
+            self.auto_map = {**auto_map, "AutoProcessor": f"{module}.EfficientMLLMProcessor"}
+        return super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+
     # ---- derived sizes ------------------------------------------------------------------------------------------
     @property
     def tile_size(self) -> int:
@@ -221,6 +262,143 @@ class EfficientMLLMConfig(PreTrainedConfig):
     def num_image_tokens(self, image_size: tuple[int, int] | None = None) -> int:
         """Image tokens one image of ``(height, width)`` expands to (``image_size`` is needed only for AnyRes)."""
         return self.num_views(image_size) * self.tokens_per_tile
+
+
+# ---- image layout -----------------------------------------------------------------------------------------------
+def anyres_views(image: Any, config: EfficientMLLMConfig) -> list:
+    """LLaVA-NeXT layout of one PIL image: ``[whole image] + rows x cols tiles`` (raster order), all PIL RGB.
+
+    The image is resized to fit the best resolution of ``config.image_grid_pinpoints`` keeping its aspect ratio,
+    padded centred with black and cut into tiles of the tower's image size; the whole image comes first (the image
+    processor resizes it to one tile).
+    """
+    try:  # Pillow is needed to lay images out, not to load the model
+        from PIL import Image
+    except ImportError as error:  # pragma: no cover - emkd depends on Pillow
+        raise ImportError("laying out AnyRes images needs Pillow (pip install pillow)") from error
+    image = image.convert("RGB")
+    w, h = image.size
+    rows, cols = config.anyres_grid((h, w))
+    S = config.tile_size
+    H, W = rows * S, cols * S
+    scale = min(W / w, H / h)  # fit inside (H, W) keeping the aspect ratio, as LLaVA-NeXT's resize_and_pad
+    nw, nh = min(math.ceil(w * scale), W), min(math.ceil(h * scale), H)
+    canvas = Image.new("RGB", (W, H), (0, 0, 0))
+    canvas.paste(image.resize((nw, nh), resample=Image.Resampling.BICUBIC), ((W - nw) // 2, (H - nh) // 2))
+    tiles = [canvas.crop((c * S, r * S, (c + 1) * S, (r + 1) * S)) for r in range(rows) for c in range(cols)]
+    return [image] + tiles
+
+
+def pad_views(views: list[torch.Tensor]) -> torch.Tensor:
+    """Stack per-image ``[V_i, 3, S, S]`` into ``[n, max V_i, 3, S, S]``, zero-padding the view axis."""
+    most = max(v.shape[0] for v in views)
+    out = views[0].new_zeros((len(views), most, *views[0].shape[1:]))
+    for i, v in enumerate(views):
+        out[i, : v.shape[0]] = v
+    return out
+
+
+def image_model_inputs(images: list, image_processor: Any, config: EfficientMLLMConfig) -> dict[str, torch.Tensor]:
+    """PIL images -> the model's image inputs: ``{"pixel_values": [n, 3, S, S]}``; AnyRes: ``{"pixel_values":
+    [n, 1 + T_max, 3, S, S], "image_sizes": [n, 2]}`` (original ``(height, width)``); ``{}`` without images."""
+    if not images:
+        return {}
+
+    def pixels(views: list) -> torch.Tensor:
+        return image_processor(images=views, return_tensors="pt")["pixel_values"]  # (n, 3, S, S)
+
+    if not config.anyres:
+        return {"pixel_values": pixels(list(images))}
+    views = [pixels(anyres_views(im, config)) for im in images]  # n x (1 + T_i, 3, S, S)
+    sizes = torch.tensor([[im.size[1], im.size[0]] for im in images], dtype=torch.long)  # (n, 2) = (h, w)
+    return {"pixel_values": pad_views(views), "image_sizes": sizes}
+
+
+# ---- processor --------------------------------------------------------------------------------------------------
+class EfficientMLLMProcessor(ProcessorMixin):
+    """Text with ``<image>`` placeholders and PIL images -> the student's inputs, for use without emkd.
+
+    ``processor(text=..., images=...)`` expands each ``<image>`` (one per image, images taken in order across the
+    texts) to the image's token count, tokenizes, and adds the image inputs (``pixel_values``, and ``image_sizes``
+    with AnyRes) exactly as emkd's :class:`~emkd.models.student_side.EfficientMLLMSide` renders them.
+
+    :meth:`from_pretrained` rebuilds it from a student directory's ``config.json``, tokenizer and image processor
+    (``AutoProcessor.from_pretrained(directory, trust_remote_code=True)`` without emkd, or plain
+    ``AutoProcessor.from_pretrained(directory)`` with emkd imported).
+    """
+
+    def __init__(
+        self, image_processor: Any = None, tokenizer: Any = None, chat_template: str | None = None,
+        config: EfficientMLLMConfig | None = None,
+    ) -> None:
+        if config is None:
+            raise ValueError("EfficientMLLMProcessor needs the student's EfficientMLLMConfig (config=...)")
+        self.config = config
+        self.image_token = IMAGE_TOKEN
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> EfficientMLLMProcessor:
+        """The processor of a student directory (or hub repo): its config, tokenizer and image processor.
+
+        Hub arguments (``revision``, ``cache_dir``, ``token``, ``local_files_only``, ``subfolder``) go to all three;
+        other keyword arguments (e.g. ``backend="pil"``) go to ``AutoImageProcessor.from_pretrained``.
+        """
+        kwargs.pop("trust_remote_code", None)
+        kwargs.pop("_from_auto", None)
+        hub = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder",
+                                          "force_download", "proxies") if k in kwargs}
+        config = EfficientMLLMConfig.from_pretrained(pretrained_model_name_or_path, **hub)
+        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub)
+        image_processor = AutoImageProcessor.from_pretrained(pretrained_model_name_or_path, **hub, **kwargs)
+        return cls(image_processor, tokenizer, chat_template=getattr(tokenizer, "chat_template", None), config=config)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out.pop("config", None)  # saved as config.json by save_pretrained
+        return out
+
+    def save_pretrained(self, save_directory: Any, push_to_hub: bool = False, **kwargs: Any) -> Any:
+        """Hugging Face's, plus the student's ``config.json`` (which :meth:`from_pretrained` reads)."""
+        out = super().save_pretrained(save_directory, push_to_hub=push_to_hub, **kwargs)
+        self.config.save_pretrained(save_directory)
+        return out
+
+    def __call__(
+        self, images: Any = None, text: str | list[str] | None = None, return_tensors: str | None = "pt",
+        **tokenizer_kwargs: Any,
+    ) -> BatchFeature:
+        """``input_ids``, ``attention_mask`` and the image inputs of ``text`` (a string or a batch of strings, each
+        ``<image>`` standing for one image) and ``images`` (a PIL image or a list, in placeholder order).
+
+        ``tokenizer_kwargs`` (``padding``, ``add_special_tokens``, ...) go to the tokenizer.
+        """
+        if text is None:
+            raise ValueError("EfficientMLLMProcessor needs text (with one '<image>' per image)")
+        texts = [text] if isinstance(text, str) else list(text)
+        if images is None:
+            images = []
+        elif not isinstance(images, (list, tuple)):
+            images = [images]
+        images = list(images)
+        placeholders = sum(t.count(self.image_token) for t in texts)
+        if placeholders != len(images):
+            raise ValueError(f"text has {placeholders} {self.image_token!r} placeholders but {len(images)} images")
+        image_inputs = image_model_inputs(images, self.image_processor, self.config)
+        counts = iter(self.config.num_image_tokens((im.size[1], im.size[0]) if self.config.anyres else None)
+                      for im in images)
+        expanded = []
+        for t in texts:
+            parts = t.split(self.image_token)
+            expanded.append(parts[0] + "".join(self.image_token * next(counts) + part for part in parts[1:]))
+        text_inputs = self.tokenizer(expanded, return_tensors=return_tensors, **tokenizer_kwargs)
+        return BatchFeature(data={**text_inputs, **image_inputs}, tensor_type=return_tensors)
+
+    def batch_decode(self, *args: Any, **kwargs: Any) -> list[str]:
+        return self.tokenizer.batch_decode(*args, **kwargs)
+
+    def decode(self, *args: Any, **kwargs: Any) -> str:
+        return self.tokenizer.decode(*args, **kwargs)
 
 
 # ---- model ------------------------------------------------------------------------------------------------------
@@ -533,16 +711,28 @@ class EfficientMLLMForCausalLM(PreTrainedModel, GenerationMixin):
         return model_inputs
 
 
-AutoConfig.register(EfficientMLLMConfig.model_type, EfficientMLLMConfig)
-AutoModelForCausalLM.register(EfficientMLLMConfig, EfficientMLLMForCausalLM)
-AutoModelForImageTextToText.register(EfficientMLLMConfig, EfficientMLLMForCausalLM)
+# save_pretrained copies this file next to the checkpoint and writes config.json's auto_map, so that
+# AutoConfig / AutoModelForCausalLM.from_pretrained(directory, trust_remote_code=True) load it without emkd.
+EfficientMLLMConfig.register_for_auto_class("AutoConfig")
+EfficientMLLMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+EfficientMLLMProcessor.register_for_auto_class("AutoProcessor")
+if __name__.startswith("emkd."):  # as remote code, transformers registers the classes it loads itself
+    AutoConfig.register(EfficientMLLMConfig.model_type, EfficientMLLMConfig)
+    AutoModelForCausalLM.register(EfficientMLLMConfig, EfficientMLLMForCausalLM)
+    AutoModelForImageTextToText.register(EfficientMLLMConfig, EfficientMLLMForCausalLM)
+    AutoProcessor.register(EfficientMLLMConfig, EfficientMLLMProcessor)
 
 __all__ = [
     "COMPRESSORS",
     "EfficientMLLMConfig",
     "EfficientMLLMForCausalLM",
     "EfficientMLLMOutput",
+    "EfficientMLLMProcessor",
     "EfficientProjector",
+    "IMAGE_TOKEN",
+    "anyres_views",
     "check_image_token_counts",
+    "image_model_inputs",
+    "pad_views",
     "pool_patch_grid",
 ]

@@ -15,7 +15,6 @@ A student directory holds the model, tokenizer and image processor, all written 
 
 from __future__ import annotations
 
-import math
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Callable
@@ -27,9 +26,15 @@ from transformers import AutoImageProcessor, AutoTokenizer
 from emkd.inputs import DistillInputs
 from emkd.models.attention import AttentionRecord, cast_additive_mask, recorded_attention
 from emkd.models.base import AdapterOutput, DistillAdapter, VisionSide
-from emkd.models.student import EfficientMLLMConfig, EfficientMLLMForCausalLM
+from emkd.models.student import (
+    IMAGE_TOKEN,
+    EfficientMLLMConfig,
+    EfficientMLLMForCausalLM,
+    anyres_views,
+    image_model_inputs,
+    pad_views,
+)
 
-IMAGE_TOKEN = "<image>"
 IMAGE_KEYS = ("pixel_values", "image_sizes")
 
 
@@ -79,32 +84,15 @@ class EfficientMLLMSide(VisionSide):
 
     # ---- images -> tensors --------------------------------------------------------------------------------------
     def anyres_views(self, image: Image.Image) -> list[Image.Image]:
-        """LLaVA-NeXT layout of one image: ``[whole image] + rows x cols tiles`` (raster order), all PIL."""
-        image = image.convert("RGB")
-        w, h = image.size
-        rows, cols = self.config.anyres_grid((h, w))
-        S = self.config.tile_size
-        H, W = rows * S, cols * S
-        scale = min(W / w, H / h)  # fit inside (H, W) keeping the aspect ratio, as LLaVA-NeXT's resize_and_pad
-        nw, nh = min(math.ceil(w * scale), W), min(math.ceil(h * scale), H)
-        canvas = Image.new("RGB", (W, H), (0, 0, 0))
-        canvas.paste(image.resize((nw, nh), resample=Image.Resampling.BICUBIC), ((W - nw) // 2, (H - nh) // 2))
-        tiles = [canvas.crop((c * S, r * S, (c + 1) * S, (r + 1) * S)) for r in range(rows) for c in range(cols)]
-        return [image] + tiles
-
-    def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
-        return self.image_processor(images=images, return_tensors="pt")["pixel_values"]  # (n, 3, S, S)
+        """LLaVA-NeXT layout of one image: ``[whole image] + rows x cols tiles`` (raster order), all PIL
+        (:func:`emkd.models.student.anyres_views`)."""
+        return anyres_views(image, self.config)
 
     def image_inputs(self, images: list) -> dict[str, torch.Tensor]:
         """``{"pixel_values": [n, 3, S, S]}``; AnyRes: ``{"pixel_values": [n, 1 + T_max, 3, S, S],
-        "image_sizes": [n, 2]}``; ``{}`` for a sample without images."""
-        if not images:
-            return {}
-        if not self.config.anyres:
-            return {"pixel_values": self._pixels(list(images))}
-        views = [self._pixels(self.anyres_views(im)) for im in images]  # n x (1 + T_i, 3, S, S)
-        sizes = torch.tensor([[im.size[1], im.size[0]] for im in images], dtype=torch.long)  # (n, 2) = (h, w)
-        return {"pixel_values": _pad_views(views), "image_sizes": sizes}
+        "image_sizes": [n, 2]}``; ``{}`` for a sample without images (:func:`emkd.models.student.image_model_inputs`,
+        which the checkpoint's own ``EfficientMLLMProcessor`` uses too)."""
+        return image_model_inputs(images, self.image_processor, self.config)
 
     def num_image_tokens(self, image_inputs: dict[str, torch.Tensor], index: int) -> int:
         """Image tokens of image ``index``: ``tokens_per_tile`` times its views (1, or 1 + tiles with AnyRes)."""
@@ -120,17 +108,8 @@ class EfficientMLLMSide(VisionSide):
             return {}
         if not self.config.anyres:
             return {"pixel_values": torch.cat([it["pixel_values"] for it in items])}
-        pixels = _pad_views([v for it in items for v in it["pixel_values"]])
+        pixels = pad_views([v for it in items for v in it["pixel_values"]])
         return {"pixel_values": pixels, "image_sizes": torch.cat([it["image_sizes"] for it in items])}
-
-
-def _pad_views(views: list[torch.Tensor]) -> torch.Tensor:
-    """Stack per-image ``[V_i, 3, S, S]`` into ``[n, max V_i, 3, S, S]``, zero-padding the view axis."""
-    most = max(v.shape[0] for v in views)
-    out = views[0].new_zeros((len(views), most, *views[0].shape[1:]))
-    for i, v in enumerate(views):
-        out[i, : v.shape[0]] = v
-    return out
 
 
 # ---- adapter ----------------------------------------------------------------------------------------------------

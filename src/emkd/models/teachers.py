@@ -30,7 +30,8 @@ pass). Both go through :mod:`emkd.models.attention`: a forward hook on that one 
 attention for that call only; the other calls keep the implementation the teacher was loaded with
 (``load_teacher(path, attn_implementation=...)``). ``adapter.augmented_forward`` runs the TPA batch (additive 4D
 mask, ribbon position ids) on LLaVA-family teachers and refuses Qwen2-VL / Qwen2.5-VL, whose 3D M-RoPE position ids
-are computed from the token layout (:data:`MROPE_MODEL_TYPES`).
+are computed from the token layout (:data:`MROPE_MODEL_TYPES`); Align-TI trains them with the loss option
+``tpa: false`` (``CE + IVA + KD`` from normal passes, IVA's weights from a normal recording pass).
 
 Hidden states. ``hidden`` is ``outputs.hidden_states[-1]``, which ``transformers`` ties to the decoder's
 ``last_hidden_state`` — the output of the final norm, exactly what the LM head consumes (the tests check
@@ -362,7 +363,8 @@ class HFTeacherAdapter(DistillAdapter):
             raise NotImplementedError(
                 f"Align-TI's TPA is not supported for {type(self.model).__name__} (model_type {model_type!r}): its 3D "
                 "M-RoPE position ids are computed from the token layout and cannot take the ribbon position ids. Use a "
-                "LLaVA-family teacher, or train this teacher's student without TPA."
+                "LLaVA-family teacher, or train without TPA: set tpa: false under the recipe's loss: (Align-TI's "
+                "CE + IVA + KD from normal passes)."
             )
 
     def augmented_forward(self, batch: dict[str, Any], model: torch.nn.Module | None = None) -> torch.Tensor:

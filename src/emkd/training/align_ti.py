@@ -43,7 +43,9 @@ Models are reached only through the :class:`~emkd.models.base.DistillAdapter` in
 ``adapter.recording_attention``. The project's student class (as student or teacher) and Hugging Face LLaVA-1.5,
 LLaVA-NeXT and LLaVA-OneVision teachers implement them (Qwen2 language models take a custom 4D mask and 1D position
 ids, in both "sdpa" and "eager"). Qwen2-VL / Qwen2.5-VL teachers refuse with ``NotImplementedError``: their 3D
-M-RoPE position ids are computed from the token layout and cannot take the ribbon position ids. An adapter without
+M-RoPE position ids are computed from the token layout and cannot take the ribbon position ids; with the option
+``tpa=False`` (recipe ``loss: {tpa: false}``) :func:`align_ti_step` trains them on ``CE + IVA + KD`` from one normal
+pass of each model, without candidates or the augmented batch. An adapter without
 these methods (a teacher read from a cache) refuses with a one-line ``NotImplementedError`` naming it.
 """
 
@@ -54,7 +56,7 @@ from typing import Any
 
 import torch
 
-from emkd.inputs import IGNORE_INDEX, DistillInputs, check_choice, check_common_options, check_pair
+from emkd.inputs import IGNORE_INDEX, DistillInputs, check_choice, check_common_options, check_pair, zero_like_graph
 from emkd.losses.align_ti import (
     NORMALISATIONS,
     check_normalisation,
@@ -572,6 +574,43 @@ def _iva_weights(parts: TPAResult) -> list[torch.Tensor]:
     return [w if w.numel() else torch.zeros(int(n_t[b]), device=w.device) for b, w in enumerate(weights)]
 
 
+def _normal_losses(
+    student_adapter: DistillAdapter,
+    teacher_adapter: DistillAdapter,
+    batch: dict[str, dict[str, torch.Tensor]],
+    options: TPAOptions,
+    student_model: torch.nn.Module | None,
+) -> TPAResult:
+    """CE and KD of :func:`tpa_losses` from one normal pass of each model (the teacher records the attention of
+    ``teacher_attention_layer``), with TPA's sum 0 and no candidates: Align-TI with ``tpa=False``."""
+    s_side, t_side = batch["student"], batch["teacher"]
+    kwargs = {} if student_model is None else {"model": student_model}
+    s_out = student_adapter(s_side, **kwargs)
+    with torch.no_grad():
+        t_out = teacher_adapter(t_side, attention_layer=options.teacher_attention_layer)
+    student, teacher = check_pair(s_out.inputs, t_out.inputs, options.vocab)
+    ce_rows, kd_rows, _ = _row_losses(
+        student, teacher, student.hidden.new_zeros(0, student.hidden.shape[-1]),
+        teacher.hidden.new_zeros(0, teacher.hidden.shape[-1]), options,
+    )
+    h_s = student.hidden
+    totals = TPATotals(sum_or_zero(ce_rows, h_s), sum_or_zero(kd_rows, h_s), zero_like_graph(h_s))
+    R = int(student.response_targets.numel())
+    return TPAResult(
+        ce=totals.ce / R if R else totals.ce,
+        kd=totals.kd / R if R else totals.kd,
+        tpa=totals.tpa,
+        totals=totals,
+        student=student,
+        teacher=teacher,
+        candidates=torch.empty(R, 0, dtype=torch.long, device=h_s.device),
+        sampling_logits=h_s.new_zeros(0, 0),
+        student_batch={},
+        teacher_batch={},
+        teacher_attention=t_out.attention,
+    )
+
+
 def _loss_terms(parts: TPAResult, iva_sum: torch.Tensor, normalisation: str, num_candidates: int) -> LossTerms:
     """The four sums of ``CE + IVA + KD + TPA`` and what each is divided by (:func:`align_ti_step`)."""
     totals = parts.totals
@@ -604,6 +643,7 @@ def align_ti_step(
     vocab: str = "strict",
     implementation: str = "fused",
     normalisation: str = "token_sum",
+    tpa: bool = True,
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """One Align-TI loss (Eq. 8): ``loss = CE + IVA + KD + TPA``, gradients to the student only.
 
@@ -624,6 +664,10 @@ def align_ti_step(
               token adds 0 and still counts);
             * ``token_mean``: KD is the mean over the batch's response positions, TPA the mean over its ``R d``
               candidates, IVA the mean over its vision pairs of ``w_k KL_k``.
+        tpa: ``True`` (default, the paper): the full loss. ``False``: Align-TI without TPA, ``CE + IVA + KD`` read
+            from one normal pass of each model (no candidates, no augmented batch; ``tpa`` is 0 and
+            ``num_candidates``, ``sampling``, ``top_p`` go unused). This is what a teacher whose position ids cannot
+            take the ribbon (Qwen2-VL / Qwen2.5-VL, M-RoPE) trains with.
 
     Everything is read from the augmented passes at the ground-truth tokens, IVA's weights ``a_{l*}(x)`` from the
     teacher's (eager attention for that call); see the module docstring. A
@@ -636,12 +680,17 @@ def align_ti_step(
         normalises over an optimizer step).
     """
     check_normalisation(normalisation)
+    if not isinstance(tpa, bool):
+        raise ValueError(f"tpa must be true or false, got {tpa!r}")
     if batch["teacher"].get("instruction_mask") is None:
         raise ValueError("align_ti_step needs batch['teacher']['instruction_mask'] (IVA's instruction tokens)")
     options = TPAOptions(num_candidates=num_candidates, sampling=sampling, top_p=top_p, temperature=temperature,
                          vocab=vocab, implementation=implementation, teacher_attention_layer=iva_layer)
-    parts = tpa_losses(student_adapter, teacher_adapter, batch, options, generator=generator,
-                       student_model=student_model)
+    if tpa:
+        parts = tpa_losses(student_adapter, teacher_adapter, batch, options, generator=generator,
+                           student_model=student_model)
+    else:
+        parts = _normal_losses(student_adapter, teacher_adapter, batch, options, student_model)
     iva_sum, matches = iva_total(
         parts.student, parts.teacher, _iva_weights(parts), iva_matching, temperature, vocab, implementation
     )
@@ -660,6 +709,7 @@ def check_options(
     vocab: str = "strict",
     implementation: str = "fused",
     normalisation: str = "token_sum",
+    tpa: bool = True,
     **_: Any,
 ) -> None:
     """Check the values of :func:`align_ti_step`'s options without running it (the recipe's ``loss:`` mapping is
@@ -669,6 +719,8 @@ def check_options(
     if iva_matching not in IVA_MATCHINGS:
         raise ValueError(f"iva_matching must be one of {IVA_MATCHINGS}, got {iva_matching!r}")
     check_normalisation(normalisation)
+    if not isinstance(tpa, bool):
+        raise ValueError(f"tpa must be true or false, got {tpa!r}")
 
 
 __all__ = [

@@ -33,7 +33,8 @@ PATH_HINTS = {
     "teacher": "a teacher checkpoint directory in transformers format (a LLaVA-family download), or the demo's "
     "teacher, src/emkd/demo/assets/teacher",
     "teacher_cache": "a directory written by `emkd cache-teacher`",
-    "data.train": "a LLaVA-format JSON/JSONL file (`emkd demo` writes runs/demo/data/train.json; check a file with "
+    "data.train": "a LLaVA-format JSON/JSONL or parquet file, a `datasets` save_to_disk folder or a .yaml mixture "
+    "(`emkd demo` writes runs/demo/data/train.json; check a file with "
     "`emkd data check FILE --images DIR`)",
     "data.eval": "a LLaVA-format JSON/JSONL file",
     "data.images": "the directory the records' image paths are relative to (runs/demo/data/images for the demo's data)",
@@ -79,7 +80,11 @@ def _help(text: str, **kw: Any) -> Any:
 
 @dataclass
 class DataConfig:
-    train: str | None = _help("LLaVA JSON/JSONL (or HF messages) file of training records", default=None)
+    train: str | None = _help(
+        "training records (LLaVA or HF messages): a JSON/JSONL file, a parquet file (images embedded as bytes), a "
+        "`datasets` save_to_disk folder, or a .yaml mixture of such sources (docs/training.md#data)",
+        default=None,
+    )
     eval: str | None = _help("held-out records, same format", default=None)
     images: str | None = _help("directory that image paths in the records are relative to", default=None)
     template: str = _help("'plain' (caption alignment) or 'chat' (the tokenizer's chat template)", default="chat")
@@ -166,6 +171,28 @@ class TrainConfig:
         "dtype the teacher runs in: float32, bfloat16 or float16 (with teacher_cache: the cache's own dtypes)",
         default="float32",
     )
+    bf16: bool = _help(
+        "mixed precision for the student (TrainingArguments.bf16): its forward, and the loss computed inside it, run "
+        "under bfloat16 autocast while weights, gradients and optimizer stay float32; on a CPU torch autocasts to "
+        "bfloat16 too (slower than float32 on most CPUs); the teacher keeps teacher_dtype",
+        default=False,
+    )
+    fp16: bool = _help(
+        "mixed precision for the student (TrainingArguments.fp16): float16 autocast with loss scaling; needs a CUDA "
+        "GPU (refused on a CPU: use bf16)",
+        default=False,
+    )
+    gradient_checkpointing: bool = _help(
+        "recompute the student's activations layer by layer in the backward pass instead of keeping them "
+        "(TrainingArguments.activation_checkpointing, non-reentrant): less memory, about one more forward of "
+        "compute; the same loss and gradients",
+        default=False,
+    )
+    torch_compile: bool = _help(
+        "compile the student with torch.compile (TrainingArguments.torch_compile); the first steps are slow while it "
+        "compiles",
+        default=False,
+    )
     dataloader_workers: int = _help("data loader worker processes", default=0)
     irs_layer: int | None = _help("Align-TI: teacher layer for IVA weights (None: argmax of the IRS file)", default=None)
     irs_file: str | None = _help("Align-TI: JSON written by `emkd irs`", default=None)
@@ -242,6 +269,8 @@ def _check_ranges(config: TrainConfig) -> None:
                else "train_vision_tower is false")
         raise ValueError(f"vision_tower_lr={config.vision_tower_lr:g} is set but the vision tower is frozen ({why}): "
                          "set train_vision_tower=true or unset vision_tower_lr")
+    if config.bf16 and config.fp16:
+        raise ValueError("bf16 and fp16 are both set: choose one mixed-precision mode")
     if config.on_nonfinite not in ("stop", "skip"):
         raise ValueError(f"on_nonfinite must be 'stop' or 'skip', got {config.on_nonfinite!r}")
     from transformers import SchedulerType

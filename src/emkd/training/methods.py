@@ -330,7 +330,8 @@ class AlignTI(Method):
     the run from ``irs_layer`` / ``irs_file``: :meth:`run_options`), ``num_candidates`` (4), ``sampling``
     (``nucleus``), ``top_p`` (0.9), ``iva_matching`` (``auto``), ``temperature`` (1), ``vocab`` (``strict``),
     ``implementation`` (``fused``), ``normalisation`` (``token_sum``, the paper's; or ``token_mean``: see
-    :func:`~emkd.training.align_ti.align_ti_step`)."""
+    :func:`~emkd.training.align_ti.align_ti_step`), ``tpa`` (``true``; ``false``: ``CE + IVA + KD`` without TPA, which
+    M-RoPE teachers such as Qwen2-VL need)."""
 
     name = "align_ti"
     supports_teacher_cache = False

@@ -68,10 +68,13 @@ RUN_FILES = ("log.jsonl", "recipe.json", "environment.json", "summary.json", "fi
 # longer max_steps stretches the schedule from the checkpoint on). The learning rate and its schedule are not among
 # them: the checkpoint's optimizer and scheduler states would silently override a new value.
 NOT_FINGERPRINTED = ("output_dir", "logging_steps", "save_steps", "save_total_limit", "dataloader_workers", "path_help",
-                     "on_nonfinite", "max_consecutive_nonfinite", "max_steps", "num_epochs", "report_to", "run_name")
-# Keys added after runs were first fingerprinted, recorded only when set: a checkpoint written before they existed
-# still resumes under the same recipe, and one written with a value refuses a recipe without it.
-RECORDED_WHEN_SET = ("vision_tower_lr", "projector_lr")
+                     "on_nonfinite", "max_consecutive_nonfinite", "max_steps", "num_epochs", "report_to", "run_name",
+                     # how the student's step is computed, not what it computes (the same loss and gradients): a run
+                     # that ran out of memory may resume with checkpointing on
+                     "gradient_checkpointing", "torch_compile")
+# Keys added after runs were first fingerprinted, recorded only when set (not None, not false): a checkpoint written
+# before they existed still resumes under the same recipe, and one written with a value refuses a recipe without it.
+RECORDED_WHEN_SET = ("vision_tower_lr", "projector_lr", "bf16", "fp16")
 
 
 def run_recipe(config: TrainConfig) -> dict[str, Any]:
@@ -81,7 +84,7 @@ def run_recipe(config: TrainConfig) -> dict[str, Any]:
     for key in NOT_FINGERPRINTED:
         values.pop(key, None)
     for key in RECORDED_WHEN_SET:
-        if values.get(key) is None:
+        if values.get(key) is None or values.get(key) is False:
             values.pop(key, None)
     return json.loads(json.dumps(values))
 
@@ -242,6 +245,21 @@ def _share(value: Any) -> Any:
     return value
 
 
+def check_precision(config: TrainConfig, source: str = "the recipe", cuda: bool | None = None) -> str | None:
+    """Refuse ``fp16`` without a CUDA GPU, before any model loads (``cuda``: whether one is visible, default
+    ``torch.cuda.is_available()``); return the line a run prints for ``bf16`` on a CPU, else ``None``."""
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if config.fp16 and not cuda:
+        raise UserError(
+            f"{source}: fp16=true needs a CUDA GPU and none is visible (float16 mixed precision with loss scaling runs "
+            "on GPUs only); set bf16=true instead, which also works on a CPU, or unset fp16"
+        )
+    if config.bf16 and not cuda:
+        return ("bf16 on a CPU: the student's forward runs under torch.autocast('cpu', dtype=torch.bfloat16), weights "
+                "and optimizer stay float32; expect it slower than float32 unless the CPU has bfloat16 instructions")
+    return None
+
+
 def training_arguments(config: TrainConfig, **overrides: Any) -> TrainingArguments:
     """The ``TrainingArguments`` a recipe stands for (CPU when no GPU is visible)."""
     kwargs = dict(
@@ -270,6 +288,10 @@ def training_arguments(config: TrainConfig, **overrides: Any) -> TrainingArgumen
         # a trained tower has parameters no loss reaches (the layers after vision_feature_layer, its last norm)
         ddp_find_unused_parameters=trained_parts(config.stage, config.train_vision_tower)["vision_tower"],
         disable_tqdm=False,
+        bf16=config.bf16,
+        fp16=config.fp16,
+        activation_checkpointing=config.gradient_checkpointing,  # transformers' name for gradient checkpointing
+        torch_compile=config.torch_compile,
     )
     kwargs.update(overrides)
     return TrainingArguments(**kwargs)
@@ -365,6 +387,9 @@ def build_trainer(config: TrainConfig, source: str = "the recipe") -> DistillTra
     """
     check_paths(config, source)
     check_trackers(config, source)
+    precision_note = check_precision(config, source)
+    if precision_note is not None:
+        print(precision_note)
     set_seed(config.seed)
     model, student_side = load_student(config.student)
     apply_stage(model, config.stage, config.train_vision_tower)
@@ -440,6 +465,7 @@ def train(config: TrainConfig, resume: bool = False, source: str = "the recipe",
         raise UserError("--resume continues the run in output_dir and --overwrite deletes it: pass one of them")
     check_paths(config, source)  # before the folder is touched (--overwrite deletes)
     check_trackers(config, source)
+    check_precision(config, source)
     out = Path(config.output_dir)
     lock = RunLock(out)
     if _launch_rank() == 0:
