@@ -177,11 +177,12 @@ def test_loads_and_generates_without_emkd(student_dir, anyres_dir, tmp_path):
     site_packages = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
-    subprocess.run(
+    done = subprocess.run(
         [sys.executable, "-I", "-S", str(tmp_path / "child.py"), json.dumps(site_packages),
          json.dumps([str(d) for d in directories]), str(tmp_path / "image.npy"), str(tmp_path / "out.json")],
-        env=env, cwd=tmp_path, check=True, timeout=300,
+        env=env, cwd=tmp_path, check=True, timeout=300, stdin=subprocess.DEVNULL, capture_output=True, text=True,
     )
+    assert "Do you wish to run the custom code" not in done.stdout + done.stderr  # trust_remote_code reaches all parts
     child = json.loads((tmp_path / "out.json").read_text())
     assert not child["emkd_loaded"]
     for directory, result in zip(directories, child["results"], strict=True):

@@ -344,11 +344,13 @@ class EfficientMLLMProcessor(ProcessorMixin):
         Hub arguments (``revision``, ``cache_dir``, ``token``, ``local_files_only``, ``subfolder``) go to all three;
         other keyword arguments (e.g. ``backend="pil"``) go to ``AutoImageProcessor.from_pretrained``.
         """
-        kwargs.pop("trust_remote_code", None)
         kwargs.pop("_from_auto", None)
         hub = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder",
                                           "force_download", "proxies") if k in kwargs}
         config = EfficientMLLMConfig.from_pretrained(pretrained_model_name_or_path, **hub)
+        # the tokenizer's and image processor's Auto classes read config.json, whose model type only this file
+        # defines: the caller's consent to its code (trust_remote_code) goes to them too, so they do not ask again
+        hub["trust_remote_code"] = kwargs.pop("trust_remote_code", None)
         tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub)
         image_processor = AutoImageProcessor.from_pretrained(pretrained_model_name_or_path, **hub, **kwargs)
         return cls(image_processor, tokenizer, chat_template=getattr(tokenizer, "chat_template", None), config=config)
