@@ -29,4 +29,5 @@ def test_own_models_walkthrough_runs_as_written(tmp_path):
     assert list((work / "emkd" / "tensorboard").rglob("events.out.tfevents.*"))
     assert (work / "emkd" / "final" / "student.py").is_file()
     assert "Do you wish to run the custom code" not in out + done.stderr
+    assert "cache_position" not in out + done.stderr  # no deprecated argument for generate to build
     assert out.rstrip().endswith(f"walkthrough done: {work}")

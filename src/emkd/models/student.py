@@ -600,7 +600,6 @@ class EfficientMLLMForCausalLM(PreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         return_logits: bool = True,
-        cache_position: torch.LongTensor | None = None,
         head_fn: Callable[[torch.Tensor, torch.Tensor, nn.Module], Any] | None = None,
         **kwargs,
     ) -> EfficientMLLMOutput:
@@ -615,8 +614,9 @@ class EfficientMLLMForCausalLM(PreTrainedModel, GenerationMixin):
                 ``past_key_values`` (older releases, and accepted on newer ones); see :mod:`emkd.compat`.
             logits_to_keep: as in Hugging Face causal LMs (generation keeps the last position only).
             return_logits: ``False`` skips the LM head (``logits=None``) when only ``hidden`` is needed.
-            cache_position: accepted for API compatibility and ignored (transformers 5 derives positions from the
-                cache).
+            kwargs: ``cache`` / ``past_key_values`` (above); a ``cache_position`` that an older ``generate`` passes is
+                dropped (positions come from the cache). The parameter is not declared, so that ``generate`` does not
+                build one for this model when it is loaded as remote code.
             head_fn: called as ``head_fn(hidden, vision_mask, lm_head)`` inside this forward, its result returned as
                 ``head_fn_output``. A distillation loss that reads the LM head's weight runs here: under FSDP the
                 root unit's parameters, the head among them, are whole only during the root's forward, and under
@@ -624,7 +624,7 @@ class EfficientMLLMForCausalLM(PreTrainedModel, GenerationMixin):
                 (:func:`emkd.training.trainer.register_head_for_zero3`, called by
                 :meth:`~emkd.training.trainer.DistillTrainer.compute_loss` before the first step's forward).
         """
-        del cache_position
+        kwargs.pop("cache_position", None)
         cache = pop_cache(kwargs)
         kwargs.pop("return_dict", None)  # always a ModelOutput
         if (input_ids is None) == (inputs_embeds is None):
