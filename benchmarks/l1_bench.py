@@ -246,12 +246,12 @@ def backends_only(args: argparse.Namespace) -> None:
 @contextlib.contextmanager
 def numba_hidden():
     """Inside the block, ``backend="auto"`` behaves as without numba installed (today's ``cdist`` path)."""
-    saved = l1_kernels._numba_kernels, l1_kernels._numba_error
-    l1_kernels._numba_kernels, l1_kernels._numba_error = None, "hidden by benchmarks/l1_bench.py"
+    saved = l1_kernels._kernels("numba")
+    l1_kernels._KERNELS["numba"] = "hidden by benchmarks/l1_bench.py"
     try:
         yield
     finally:
-        l1_kernels._numba_kernels, l1_kernels._numba_error = saved
+        l1_kernels._KERNELS["numba"] = saved
 
 
 def whole_loss(args: argparse.Namespace) -> None:

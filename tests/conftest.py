@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from transformers import TrainerCallback
 
 from emkd import DistillInputs
 
@@ -172,6 +173,18 @@ def _private_cache(tmp_path_factory):
         os.environ.pop("EMKD_CACHE", None)
     else:
         os.environ["EMKD_CACHE"] = old
+
+
+class StopAt(TrainerCallback):
+    """Stops training after step ``step`` (``0`` or ``None``: never), as an interruption would."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.step and state.global_step >= self.step:
+            control.should_training_stop = True
+        return control
 
 
 #: node ids of the Triton kernel checks this process leaves to a fresh interpreter process (tests/test_l1_triton.py)

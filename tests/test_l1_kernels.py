@@ -30,8 +30,7 @@ def _rows(shape: tuple[int, ...], seed: int, scale: float = 3.0) -> torch.Tensor
 @pytest.fixture
 def without_numba(monkeypatch):
     """The kernel module as if numba were not installed."""
-    monkeypatch.setattr(l1_kernels, "_numba_kernels", None)
-    monkeypatch.setattr(l1_kernels, "_numba_error", "ModuleNotFoundError: No module named 'numba'")
+    monkeypatch.setitem(l1_kernels._KERNELS, "numba", "ModuleNotFoundError: No module named 'numba'")
 
 
 # ---- numba kernel == cdist --------------------------------------------------------------------------------------------

@@ -75,8 +75,7 @@ def compiled(monkeypatch):
 @pytest.fixture
 def without_triton(monkeypatch):
     """The kernel module as if triton were not installed."""
-    monkeypatch.setattr(l1_kernels, "_triton_kernels", None)
-    monkeypatch.setattr(l1_kernels, "_triton_error", "ModuleNotFoundError: No module named 'triton'")
+    monkeypatch.setitem(l1_kernels._KERNELS, "triton", "ModuleNotFoundError: No module named 'triton'")
 
 
 def _accumulate(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:

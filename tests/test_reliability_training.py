@@ -35,6 +35,7 @@ from emkd.training.config import load_recipe
 from emkd.training.methods import StepOutput
 from emkd.training.run import build_trainer, train
 from emkd.training.trainer import COMPLETE_MARKER, last_complete_checkpoint
+from conftest import StopAt
 
 FAST = ["batch_size=4", "learning_rate=0.003", "lr_scheduler=constant", "warmup_ratio=0"]
 # the run the checkpoint faults interrupt: six steps, a checkpoint every two
@@ -90,15 +91,6 @@ def error_lines(stderr: str) -> list[str]:
 def logged_steps(out):
     return [r["step"] for r in map(json.loads, open(Path(out) / "log.jsonl")) if "loss" in r]
 
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-        return control
 
 
 def partial_run(ws, out, stop, *extra):

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from transformers import TrainerCallback
 from transformers.integrations import INTEGRATION_TO_CALLBACK
 
 import emkd.training.run as run_module
@@ -23,6 +22,7 @@ from emkd.cli import main
 from emkd.errors import UserError
 from emkd.training.config import TRACKERS, load_recipe, tracker_names
 from emkd.training.run import run_recipe, training_arguments
+from conftest import StopAt
 
 FAST = ["batch_size=4", "learning_rate=0.003", "lr_scheduler=constant", "warmup_ratio=0"]
 COMPONENTS = {"sft": {"ce"}, "emkd": {"sup", "rld", "vsd", "vlad"}}
@@ -80,15 +80,6 @@ def test_every_loss_component_reaches_tensorboard_under_its_name(ws, tmp_path, m
     assert_log_in_tensorboard(board, records)
 
 
-class _StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-        return control
-
 
 def test_a_resumed_run_shows_each_step_once(ws, tmp_path, monkeypatch):
     out = tmp_path / "resumed"
@@ -97,7 +88,7 @@ def test_a_resumed_run_shows_each_step_once(ws, tmp_path, monkeypatch):
 
     def stopping_at_3(config, source="the recipe"):
         trainer = original(config, source)
-        trainer.add_callback(_StopAt(3))
+        trainer.add_callback(StopAt(3))
         return trainer
 
     monkeypatch.setattr(run_module, "build_trainer", stopping_at_3)

@@ -18,6 +18,7 @@ from emkd.training.config import load_recipe
 from emkd.training.run import build_trainer, train
 from emkd.training.stages import apply_stage
 from emkd.training.trainer import COMPLETE_MARKER, last_complete_checkpoint
+from conftest import StopAt
 
 FAST = ["batch_size=4", "learning_rate=0.003", "lr_scheduler=constant", "warmup_ratio=0"]
 
@@ -99,7 +100,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(ws, tmp_path):
     whole = train(recipe(ws, tmp_path / "whole", *common))
     # first half: the same recipe stopped after 3 steps (a checkpoint was written at step 3)
     first = build_trainer(recipe(ws, tmp_path / "parts", *common))
-    first.add_callback(_StopAt(3))
+    first.add_callback(StopAt(3))
     first.train()
     assert last_complete_checkpoint(tmp_path / "parts").name == "checkpoint-3"
     resumed = train(recipe(ws, tmp_path / "parts", *common), resume=True)
@@ -127,7 +128,7 @@ def test_sigterm_saves_a_checkpoint_and_stops(ws, tmp_path):
     handler_before = signal.getsignal(signal.SIGTERM)
     fired = threading.Event()
 
-    class SendSignal(_StopAt):
+    class SendSignal(StopAt):
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == 2 and not fired.is_set():
                 fired.set()
@@ -163,19 +164,6 @@ def test_cli_train_with_overrides(ws, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((out / "recipe.json").read_text())["seed"] == 3
     assert len([r for r in read_log(out) if "objective" in r]) == 2
-
-
-from transformers import TrainerCallback  # noqa: E402
-
-
-class _StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if self.step and state.global_step >= self.step:
-            control.should_training_stop = True
-        return control
 
 
 RECIPES = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))

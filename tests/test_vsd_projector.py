@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import TrainerCallback
 
 from _workspace import build_workspace
 from emkd.errors import OutputDirError
@@ -17,6 +16,7 @@ from emkd.models import load_student
 from emkd.training.config import load_recipe
 from emkd.training.run import build_trainer, train
 from emkd.training.trainer import VSD_PROJECTOR_FILE, last_complete_checkpoint
+from conftest import StopAt
 
 FAST = ["batch_size=4", "learning_rate=0.003", "lr_scheduler=constant", "warmup_ratio=0"]
 HIDDEN = ["method=emkd", "loss.vsd_target=hidden"]
@@ -32,15 +32,6 @@ def recipe(ws, out, *extra, teacher=None):
                               f"data.train={ws['train']}", f"data.images={ws['images']}", f"output_dir={out}",
                               *FAST, *extra])
 
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-        return control
 
 
 def test_the_projector_trains_with_the_student_and_is_saved_beside_it(ws, tmp_path):

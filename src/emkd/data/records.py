@@ -302,16 +302,18 @@ def _line_col(text: str, pos: int) -> tuple[int, int]:
     return line, pos - (text.rfind("\n", 0, pos) + 1) + 1
 
 
-def _bad_byte_at(text: str, pos: int) -> str:
+def _bad_byte_at(text: str, pos: int, first_line: int = 1) -> str:
     line, col = _line_col(text, pos)
-    return f"byte 0x{ord(text[pos]) - 0xDC00:02x} at line {line}, column {col} is not UTF-8"
+    return f"byte 0x{ord(text[pos]) - 0xDC00:02x} at line {line + first_line - 1}, column {col} is not UTF-8"
 
 
-def _encoding_problem(text: str, pos: int) -> Problem:
+def _encoding_problem(text: str, pos: int, first_line: int = 1) -> Problem:
+    """The ``encoding`` problem of the bad byte at ``pos`` of ``text``, whose first line is line ``first_line`` of
+    its file."""
     return Problem(
         "encoding",
-        f"{_bad_byte_at(text, pos)}; the file must be UTF-8 encoded (fix this record, or re-encode the file, e.g. "
-        "`iconv -f latin1 -t utf-8`)",
+        f"{_bad_byte_at(text, pos, first_line)}; the file must be UTF-8 encoded (fix this record, or re-encode the "
+        "file, e.g. `iconv -f latin1 -t utf-8`)",
     )
 
 
@@ -428,20 +430,14 @@ def read_objects(path: str | os.PathLike) -> Iterator[RawRecord | BadRecord]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                problem = _line_encoding_problem(line, lineno, bad) if bad is not None else Problem(
+                problem = _encoding_problem(line, bad, lineno) if bad is not None else Problem(
                     "malformed_json", f"invalid JSON: {e}")
                 yield BadRecord(source, None, (problem,))
                 continue
             if bad is not None:
-                yield BadRecord(source, _record_id(obj), (_line_encoding_problem(line, lineno, bad),))
+                yield BadRecord(source, _record_id(obj), (_encoding_problem(line, bad, lineno),))
                 continue
             yield RawRecord(source, obj)
-
-
-def _line_encoding_problem(line: str, lineno: int, pos: int) -> Problem:
-    """:func:`_encoding_problem` for character ``pos`` of line ``lineno`` (1-based) of a JSONL file."""
-    problem = _encoding_problem(line, pos)
-    return Problem(problem.kind, problem.reason.replace("at line 1,", f"at line {lineno},", 1))
 
 
 def read_records(path: str | os.PathLike) -> Iterator[Record | BadRecord]:

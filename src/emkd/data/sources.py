@@ -28,6 +28,7 @@
 
 from __future__ import annotations
 
+import bisect
 import io
 import json
 import os
@@ -94,7 +95,7 @@ class _ParquetImages:
         starts, column = self._layout(path, stamp)
         if column is None:
             return None
-        group = max(g for g, s in enumerate(starts) if s <= row)
+        group = bisect.bisect_right(starts, row) - 1  # the row group holding ``row``
         with self.lock:
             cells = self.groups.get((path, stamp, group))
         if cells is None:
@@ -180,7 +181,7 @@ def read_parquet(path: str) -> Iterator[Any]:
 
 def _row_records(path: str, rows: list[dict], first_row: int, column: str | None) -> Iterator[Any]:
     """Rows of a parquet file or Arrow data set as records; the image cell becomes the images' names."""
-    from emkd.data.records import BadRecord, Problem, RawRecord, Source
+    from emkd.data.records import BadRecord, Problem, RawRecord, Source, _record_id
 
     for row, obj in enumerate(rows, start=first_row):
         source = Source(path, row=row)
@@ -189,7 +190,7 @@ def _row_records(path: str, rows: list[dict], first_row: int, column: str | None
                 try:
                     obj[key] = json.loads(obj[key])
                 except json.JSONDecodeError as e:
-                    yield BadRecord(source, _rid(obj), (Problem("malformed_json", f"column {key!r}: {e}"),))
+                    yield BadRecord(source, _record_id(obj), (Problem("malformed_json", f"column {key!r}: {e}"),))
                     break
         else:
             embedded = False
@@ -197,7 +198,7 @@ def _row_records(path: str, rows: list[dict], first_row: int, column: str | None
                 try:
                     names, embedded = _image_names(obj.pop(column))
                 except ValueError as e:
-                    yield BadRecord(source, _rid(obj), (Problem("malformed_record", f"column {column!r}: {e}"),))
+                    yield BadRecord(source, _record_id(obj), (Problem("malformed_record", f"column {column!r}: {e}"),))
                     continue
                 if names:
                     obj[column] = names
@@ -275,10 +276,6 @@ def _arrow_cell(path: str, row: int) -> Any:
             return None if column is None else table.column(column).slice(row, 1).to_pylist()[0]
         row -= table.num_rows
     raise IndexError(f"row {row} is past the end of {path}")
-
-
-def _rid(obj: dict) -> str | None:
-    return None if obj.get("id") is None else str(obj["id"])
 
 
 # ---- mixtures -------------------------------------------------------------------------------------------------------

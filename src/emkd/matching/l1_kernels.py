@@ -19,42 +19,41 @@ same).
 
 from __future__ import annotations
 
+import importlib
 from types import ModuleType
 
 import torch
 
 BACKENDS = ("auto", "cdist", "numba", "triton")
 
-_numba_kernels: ModuleType | None = None
-_numba_error: str | None = None
-_triton_kernels: ModuleType | None = None
-_triton_error: str | None = None
+#: the compiled backends: their module, the optional dependency it needs, and the extra that installs it
+_OPTIONAL = {
+    "numba": ("emkd.matching._l1_numba", "numba", "fast"),
+    "triton": ("emkd.matching._l1_triton", "triton", "gpu"),
+}
+#: each compiled backend's module once imported, or why it did not import; tried once per process
+_KERNELS: dict[str, ModuleType | str] = {}
+
+
+def _kernels(backend: str) -> ModuleType | str:
+    """The module of a compiled backend, or the one-line reason it does not import (its dependency missing, or
+    refusing this NumPy / machine)."""
+    if backend not in _KERNELS:
+        try:
+            _KERNELS[backend] = importlib.import_module(_OPTIONAL[backend][0])
+        except (ImportError, OSError, RuntimeError) as err:
+            _KERNELS[backend] = f"{type(err).__name__}: {err}"
+    return _KERNELS[backend]
 
 
 def numba_available() -> bool:
-    """Whether the numba kernel imports (numba installed and compatible with this NumPy); tried once per process."""
-    global _numba_kernels, _numba_error
-    if _numba_kernels is None and _numba_error is None:
-        try:
-            from emkd.matching import _l1_numba
-        except ImportError as err:  # numba missing, or refusing this NumPy
-            _numba_error = f"{type(err).__name__}: {err}"
-        else:
-            _numba_kernels = _l1_numba
-    return _numba_kernels is not None
+    """Whether the numba kernel imports (numba installed and compatible with this NumPy)."""
+    return isinstance(_kernels("numba"), ModuleType)
 
 
 def triton_available() -> bool:
-    """Whether the Triton kernel imports (triton installed and importable); tried once per process."""
-    global _triton_kernels, _triton_error
-    if _triton_kernels is None and _triton_error is None:
-        try:
-            from emkd.matching import _l1_triton
-        except (ImportError, OSError, RuntimeError) as err:  # triton missing, or failing to load on this machine
-            _triton_error = f"{type(err).__name__}: {err}"
-        else:
-            _triton_kernels = _l1_triton
-    return _triton_kernels is not None
+    """Whether the Triton kernel imports (triton installed and importable)."""
+    return isinstance(_kernels("triton"), ModuleType)
 
 
 def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
@@ -67,12 +66,12 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     if backend == "auto":
         return "numba" if on_cpu and numba_available() else "cdist"
     if backend == "numba":
-        _require_numba()
+        _require("numba")
         if not on_cpu:
             devices = sorted({str(t.device) for t in tensors})
             raise ValueError(f"L1 cost backend='numba' runs on CPU tensors only, got tensors on {devices}")
     if backend == "triton":
-        kernels = _require_triton()
+        kernels = _require("triton")
         if not on_cuda and not kernels.interpreting():
             devices = sorted({str(t.device) for t in tensors})
             raise ValueError(
@@ -82,24 +81,16 @@ def resolve_backend(backend: str, *tensors: torch.Tensor) -> str:
     return backend
 
 
-def _require_numba() -> ModuleType:
-    """The kernel module, or an ImportError that says how to get it."""
-    if not numba_available():
-        raise ImportError(
-            f"L1 cost backend='numba' needs numba, which did not import ({_numba_error}); install it with "
-            "`pip install 'emkd[fast]'`, or pass backend='cdist' (or 'auto', which falls back to cdist)"
-        )
-    return _numba_kernels
-
-
-def _require_triton() -> ModuleType:
-    """The Triton kernel module, or an ImportError that says how to get it."""
-    if not triton_available():
-        raise ImportError(
-            f"L1 cost backend='triton' needs triton, which did not import ({_triton_error}); install it with "
-            "`pip install 'emkd[gpu]'`, or pass backend='cdist' (or 'auto', which falls back to cdist)"
-        )
-    return _triton_kernels
+def _require(backend: str) -> ModuleType:
+    """The kernel module of ``backend``, or an ImportError that says how to get it."""
+    kernels = _kernels(backend)
+    if isinstance(kernels, ModuleType):
+        return kernels
+    _, package, extra = _OPTIONAL[backend]
+    raise ImportError(
+        f"L1 cost backend='{backend}' needs {package}, which did not import ({kernels}); install it with "
+        f"`pip install 'emkd[{extra}]'`, or pass backend='cdist' (or 'auto', which falls back to cdist)"
+    )
 
 
 @torch.no_grad()
@@ -116,13 +107,13 @@ def l1_accumulate(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, backend: 
         out += torch.cdist(a, b, p=1.0)
         return
     if backend == "triton":
-        _require_triton().l1_accumulate(a, b, out)
+        _require("triton").l1_accumulate(a, b, out)
         return
     if backend != "numba":
         raise ValueError(
             f"l1_accumulate: backend must be 'cdist', 'numba' or 'triton' (resolve 'auto' first), got {backend!r}"
         )
-    kernels = _require_numba()
+    kernels = _require("numba")
     if out.dtype != torch.float32 or not out.is_contiguous():
         raise ValueError(f"l1_accumulate: out must be C-contiguous float32, got {out.dtype}, strides {out.stride()}")
     if out.numel() == 0:  # no pairs

@@ -679,9 +679,7 @@ def align_ti_step(
         (:class:`~emkd.losses.normalisation.LossTerms`, the four sums and what each is divided by: what the trainer
         normalises over an optimizer step).
     """
-    check_normalisation(normalisation)
-    if not isinstance(tpa, bool):
-        raise ValueError(f"tpa must be true or false, got {tpa!r}")
+    _check_step_options(iva_matching, normalisation, tpa)
     if batch["teacher"].get("instruction_mask") is None:
         raise ValueError("align_ti_step needs batch['teacher']['instruction_mask'] (IVA's instruction tokens)")
     options = TPAOptions(num_candidates=num_candidates, sampling=sampling, top_p=top_p, temperature=temperature,
@@ -716,8 +714,12 @@ def check_options(
     checked when it loads); ``ValueError`` names the option (:class:`TPAOptions` checks TPA's)."""
     TPAOptions(num_candidates=num_candidates, sampling=sampling, top_p=top_p, temperature=temperature, vocab=vocab,
                implementation=implementation)
-    if iva_matching not in IVA_MATCHINGS:
-        raise ValueError(f"iva_matching must be one of {IVA_MATCHINGS}, got {iva_matching!r}")
+    _check_step_options(iva_matching, normalisation, tpa)
+
+
+def _check_step_options(iva_matching: str, normalisation: str, tpa: bool) -> None:
+    """The checks of :func:`align_ti_step`'s own options (beyond :class:`TPAOptions`'); ``ValueError`` names one."""
+    check_choice("iva_matching", iva_matching, IVA_MATCHINGS)
     check_normalisation(normalisation)
     if not isinstance(tpa, bool):
         raise ValueError(f"tpa must be true or false, got {tpa!r}")

@@ -51,6 +51,7 @@ from emkd.training.trainer import (
     DistillTrainer,
     InterruptCallback,
     JsonlLogger,
+    checkpoint_step,
     last_complete_checkpoint,
     select_resume_checkpoint,
     truncate_log,
@@ -227,7 +228,7 @@ def prepare_output_dir(config: TrainConfig, resume: bool, overwrite: bool) -> Pa
         shutil.rmtree(path)
         print(f"emkd train: warning: deleted {path}: its save did not finish (no {COMPLETE_MARKER} marker)",
               file=sys.stderr)
-    step = int(plan.checkpoint.name.split("-")[1]) if plan.checkpoint else 0
+    step = checkpoint_step(plan.checkpoint) if plan.checkpoint else 0
     if plan.checkpoint is None:
         print(f"--resume: no complete checkpoint in {out}; starting from the beginning")
     dropped = truncate_log(out / "log.jsonl", step)
@@ -486,7 +487,7 @@ def _train_locked(config: TrainConfig, resume: bool, overwrite: bool, source: st
         (out / "environment.json").write_text(json.dumps(installed_versions(), indent=2))
         (out / "summary.json").unlink(missing_ok=True)  # an earlier attempt's
     if checkpoint:
-        attach_tensorboard(trainer, config, resumed_step=int(Path(checkpoint).name.split("-")[1]))
+        attach_tensorboard(trainer, config, resumed_step=checkpoint_step(checkpoint))
     interrupt = InterruptCallback()
     trainer.add_callback(interrupt)
     interrupt.install()

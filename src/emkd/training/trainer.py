@@ -386,6 +386,14 @@ def verify_checkpoint(folder: str | Path) -> list[str]:
     return problems
 
 
+def checkpoint_step(path: str | Path) -> int:
+    """The step of a ``checkpoint-N`` folder (``N``); ``ValueError`` for a folder of another name."""
+    match = _CHECKPOINT.fullmatch(Path(path).name)
+    if match is None:
+        raise ValueError(f"{path} is not a checkpoint-N folder")
+    return int(match.group(1))
+
+
 def checkpoint_dirs(output_dir: str | Path) -> list[tuple[int, Path]]:
     """``(step, path)`` of every ``checkpoint-N`` folder of ``output_dir``, oldest first."""
     output_dir = Path(output_dir)
