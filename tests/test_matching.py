@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import emkd
+from emkd.matching.hungarian import hungarian_match, hungarian_match_batch
 
 
 def brute_force_min(cost: torch.Tensor) -> float:
@@ -136,3 +137,26 @@ def test_l1_cost_then_hungarian_recovers_a_shuffle():
     idx_s, idx_t = emkd.hungarian_match(emkd.l1_cost(a, b))
     assert idx_s.tolist() == list(range(5))
     assert perm[idx_t].tolist() == list(range(5))
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (5, 3), (4, 4)])
+def test_hungarian_match_batch_of_one_shape_equals_one_by_one(shape):
+    # the batch path copies every cost to the host at once; the answers are the single-matrix ones
+    costs = list(torch.rand(6, *shape, generator=torch.Generator().manual_seed(sum(shape))))
+    batch = hungarian_match_batch(costs)
+    for cost, (idx_s, idx_t) in zip(costs, batch):
+        single_s, single_t = hungarian_match(cost)
+        check_assignment(cost, idx_s, idx_t)
+        assert torch.equal(idx_s, single_s) and torch.equal(idx_t, single_t)
+    costs[2] = costs[2].clone()
+    costs[2][1, 0] = float("inf")
+    with pytest.raises(ValueError, match=rf"cost 2 of shape \({shape[0]}, {shape[1]}\) has non-finite entries"):
+        hungarian_match_batch(costs)
+
+
+def test_hungarian_match_batch_of_mixed_shapes_and_empty_costs():
+    costs = [torch.rand(2, 3), torch.rand(0, 4), torch.rand(3, 2)]
+    out = hungarian_match_batch(costs)
+    assert [tuple(idx_s.shape) for idx_s, _ in out] == [(2,), (0,), (2,)]
+    for cost, (idx_s, idx_t) in zip(costs, out):
+        assert [t.tolist() for t in hungarian_match(cost)] == [idx_s.tolist(), idx_t.tolist()]

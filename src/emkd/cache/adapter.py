@@ -94,11 +94,15 @@ def teacher_inputs(
     B, L = attention.shape
     hidden = torch.zeros(B, L, cache.hidden_size, dtype=cache.dtype, device=device)  # (B, L, D)
     vision_mask = torch.zeros(B, L, dtype=torch.bool, device=device)  # (B, L)
+    states, vision = [], []
     for b, i in enumerate(samples):
         cached = cache.sample(i)
         _check_sample(cache, i, b, cached, input_ids[b][attention[b]], input_ids, image_token_id)
-        hidden[b, attention[b]] = cached["hidden"].to(device)
-        vision_mask[b, attention[b]] = cached["vision"].to(device)
+        states.append(cached["hidden"])
+        vision.append(cached["vision"])
+    # the real positions in row-major order are the samples' cached positions one after the other
+    hidden[attention] = torch.cat(states).to(device)
+    vision_mask[attention] = torch.cat(vision).to(device)
     instruction = side.get("instruction_mask")
     return DistillInputs(
         hidden=hidden,

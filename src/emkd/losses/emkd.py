@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from emkd.inputs import DistillInputs, check_choice, check_common_options, check_pair, zero_like_graph
+from emkd.inputs import DistillInputs, check_choice, check_common_options, check_pair, padded_rows, zero_like_graph
 from emkd.losses.divergence import reverse_kl
 from emkd.losses.head import response_and_row_divergences
 from emkd.losses.normalisation import LossTerms, Term, combine, inputs_counts
@@ -75,8 +75,7 @@ def vlad_terms(
     ``[n, M_max, D]`` and ``[n, K_max, D]``, and each sample's smooth L1 is averaged over its own ``M_b x K_b``
     entries (one batched product instead of one small graph per sample). Every sample needs ``K_b > 0``."""
     def padded(rows: list[torch.Tensor]) -> torch.Tensor:
-        return F.normalize(torch.nn.utils.rnn.pad_sequence([r.float() for r in rows], batch_first=True), dim=-1,
-                           eps=1e-8)
+        return F.normalize(padded_rows(rows).float(), dim=-1, eps=1e-8)
 
     m = torch.tensor([p.size for p in pairs], device=texts_s[0].device)  # (n,)
     k = torch.tensor([t.shape[0] for t in texts_s], device=texts_s[0].device)  # (n,)

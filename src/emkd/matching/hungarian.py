@@ -72,7 +72,19 @@ def hungarian_match_batch(
             )
     if _resolve(backend, costs) == "auction":
         return _auction_pairs(costs, "hungarian_match_batch")
-    return [hungarian_match(cost, backend="scipy") for cost in costs]
+    shapes = {tuple(cost.shape) for cost in costs}
+    if len(shapes) != 1 or 0 in next(iter(shapes)) or len({cost.device for cost in costs}) != 1:
+        return [hungarian_match(cost, backend="scipy") for cost in costs]
+    # one shape (a group of fixed-size images): one copy to the host and one check for all, then SciPy per matrix
+    c = torch.stack(costs).to("cpu", torch.float64).numpy()  # (B, Ns, Nt)
+    finite = np.isfinite(c).reshape(len(costs), -1).all(axis=1)  # (B,)
+    if not finite.all():
+        b = int(np.flatnonzero(~finite)[0])
+        raise ValueError(f"hungarian_match_batch: cost {b} of shape {tuple(costs[b].shape)} has non-finite entries")
+    solved = [linear_sum_assignment(m) for m in c]  # SciPy returns the rows sorted
+    rows = torch.from_numpy(np.stack([r for r, _ in solved]).astype(np.int64)).to(costs[0].device)  # (B, M)
+    cols = torch.from_numpy(np.stack([k for _, k in solved]).astype(np.int64)).to(costs[0].device)  # (B, M)
+    return list(zip(rows.unbind(0), cols.unbind(0)))
 
 
 def _resolve(backend: str, costs: list[torch.Tensor]) -> str:

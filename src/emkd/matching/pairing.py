@@ -174,9 +174,10 @@ def pair_batch(
     per sample by :func:`resolve_matching`).
 
     With the fused implementation, the ``hungarian_logits`` costs of samples that have the same token counts are
-    computed together: one chunked pass over the heads and one batched ``cdist`` per group instead of one per sample
+    computed together: one chunked pass over the heads and one batched L1 cost per group instead of one per sample
     (the same numbers; what a batch of fixed-resolution images needs), and each group's assignments are solved by
     one :func:`~emkd.matching.hungarian.hungarian_match_batch` call (one padded batch for ``assignment="auction"``).
+    The matched rows of all those samples are then gathered by one indexing per side.
     """
     check_implementation(implementation)
     check_assignment(assignment)
@@ -191,14 +192,37 @@ def pair_batch(
             groups[(ns, nt)].append(b)
         else:
             out[b] = pair_vision_tokens(student, teacher, b, name, implementation, chunk_size, assignment)
-    for members in groups.values():
-        vs = torch.stack([student.vision_tokens(b) for b in members])  # (G, Ns, Ds)
-        vt = torch.stack([teacher.vision_tokens(b) for b in members]).detach()  # (G, Nt, Dt)
-        costs = head_l1_cost(vs, student.head_weight, student.head_bias, vt, teacher.head_weight, teacher.head_bias,
-                             chunk_size)  # (G, Ns, Nt)
-        for g, (b, (idx_s, idx_t)) in enumerate(zip(members, hungarian_match_batch(list(costs), assignment))):
-            out[b] = VisionPairs(student.vision_tokens(b)[idx_s], vt[g][idx_t], idx_s, idx_t)
+    if not groups:
+        return out
+    rows_s, offsets_s = student.token_rows("vision")
+    rows_t, offsets_t = teacher.token_rows("vision")
+    solved: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (sample, idx_s, idx_t) of every grouped sample
+    with torch.no_grad():
+        for (ns, nt), members in groups.items():
+            vs = _group_rows(rows_s, offsets_s, members, ns)  # (G, Ns, Ds)
+            vt = _group_rows(rows_t, offsets_t, members, nt)  # (G, Nt, Dt)
+            costs = head_l1_cost(vs, student.head_weight, student.head_bias, vt, teacher.head_weight,
+                                 teacher.head_bias, chunk_size)  # (G, Ns, Nt)
+            solved += [(b, *idx) for b, idx in zip(members, hungarian_match_batch(list(costs), assignment))]
+    # one indexing per side for every grouped sample's matched rows: one node in the backward pass, not one per sample
+    device = rows_s.device
+    at_s = torch.cat([idx_s + offsets_s[b] for b, idx_s, _ in solved]).to(device)
+    at_t = torch.cat([idx_t + offsets_t[b] for b, _, idx_t in solved]).to(device)
+    sizes = [int(idx_s.numel()) for _, idx_s, _ in solved]
+    matched = zip(rows_s.index_select(0, at_s).split(sizes), rows_t.detach().index_select(0, at_t).split(sizes))
+    for (b, idx_s, idx_t), (hs, ht) in zip(solved, matched):
+        out[b] = VisionPairs(hs, ht, idx_s, idx_t)
     return out
+
+
+def _group_rows(rows: torch.Tensor, offsets: list[int], members: list[int], n: int) -> torch.Tensor:
+    """The ``n`` rows of each sample of ``members`` (starting at ``offsets[b]`` in ``rows``) as ``[G, n, D]``,
+    without gradient: a view when the samples' rows lie back to back, else a copy."""
+    rows = rows.detach()
+    first = offsets[members[0]]
+    if all(offsets[b] == first + g * n for g, b in enumerate(members)):
+        return rows[first : first + len(members) * n].view(len(members), n, rows.shape[1])
+    return torch.stack([rows[offsets[b] : offsets[b] + n] for b in members])
 
 
 def pair_indices(paired: list[VisionPairs | None], device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:

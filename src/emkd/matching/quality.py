@@ -251,8 +251,11 @@ def batch_window_hits(
             f"batch_window_hits: {len(matches)} matches, {len(ns_all)} student counts, {len(nt_all)} teacher counts "
             f"and {len(names)} matchings; expected one of each per sample"
         )
+    if windows.dim() != 2 or windows.dtype != torch.bool:
+        raise ValueError(f"windows must be a [Ns, Nt] bool tensor, got {windows.dtype} of shape {tuple(windows.shape)}")
     shape = tuple(windows.shape)
     out = WindowHits()
+    indexed: list[tuple[int, torch.Tensor, torch.Tensor]] = []
     for b, ((idx_s, idx_t), ns, nt, name) in enumerate(zip(matches, ns_all, nt_all, names)):
         if (ns, nt) != shape:
             out.skipped += 1
@@ -264,13 +267,33 @@ def batch_window_hits(
                 f"sample {b}: matching {name!r} of {ns} student and {nt} teacher vision tokens should give {m} pairs, "
                 f"got idx_s {tuple(idx_s.shape)} and idx_t {tuple(idx_t.shape)}"
             )
+        if name != "avgpool" and idx_s.dim() == 1 and idx_t.dim() == 1 and not idx_s.is_floating_point() \
+                and not idx_t.is_floating_point() and idx_s.dtype != torch.bool and idx_t.dtype != torch.bool:
+            indexed.append((b, idx_s, idx_t))  # measured together below
+            continue
         pairs = avgpool_pairing(ns, nt) if name == "avgpool" else (idx_s, idx_t)
-        try:
-            out.hits += window_hit_rate(pairs, windows)
-        except ValueError as e:
-            raise ValueError(f"sample {b}: {e}") from e
+        out.hits += _sample_hit_rate(b, pairs, windows)
         out.samples += 1
+    if indexed:
+        # token-index pairs of equal length (the windows fix Ns and Nt): one lookup for all of them
+        s = torch.stack([idx_s.detach().cpu().long() for _, idx_s, _ in indexed])  # (n, M)
+        t = torch.stack([idx_t.detach().cpu().long() for _, _, idx_t in indexed])  # (n, M)
+        ns, nt = shape
+        if s.numel() and not (int(s.min()) >= 0 and int(s.max()) < ns and int(t.min()) >= 0 and int(t.max()) < nt):
+            for b, idx_s, idx_t in indexed:  # the first sample out of range raises, naming itself
+                _sample_hit_rate(b, (idx_s, idx_t), windows)
+        rates = windows.cpu()[s, t].double().mean(1)  # (n,)
+        out.hits += sum(rates.tolist())
+        out.samples += len(indexed)
     return out
+
+
+def _sample_hit_rate(b: int, pairs: tuple[torch.Tensor, torch.Tensor], windows: torch.Tensor) -> float:
+    """:func:`window_hit_rate` of sample ``b``; its errors name the sample."""
+    try:
+        return window_hit_rate(pairs, windows)
+    except ValueError as e:
+        raise ValueError(f"sample {b}: {e}") from e
 
 
 # ---- geometry of a student / teacher pair ----------------------------------------------------------------------
