@@ -229,6 +229,7 @@ def test_cli_reproduce_options():
     assert parser.parse_args(["reproduce", "--budgets", "", "--seeds", "3,4"]).budgets == ()
     assert parser.parse_args(["reproduce", "--budgets", "4,64"]).budgets == (4, 64)
     assert defaults.jobs == 1 and parser.parse_args(["reproduce", "--jobs", "2"]).jobs == 2
+    assert defaults.phase1_seed is None and parser.parse_args(["reproduce", "--phase1-seed", "7"]).phase1_seed == 7
     with pytest.raises(SystemExit):
         parser.parse_args(["reproduce", "--seeds", "0,x"])
 
@@ -279,6 +280,23 @@ def test_reproduce_jobs_runs_seeds_in_processes_and_keeps_seed_order(tmp_path):
     assert "seeds trained at once" in rep.markdown
     with pytest.raises(UserError, match="--jobs must be at least 1"):
         run_reproduce(tmp_path / "x", seeds=(0,), results_md=None, jobs=0)
+
+
+def test_reproduce_phase1_seed_trains_one_phase1_that_every_seed_starts_from(tmp_path):
+    """``--phase1-seed``: one phase 1 per token budget, trained once; the seeds differ in phase 2 alone."""
+    rep = run_reproduce(tmp_path / "rep", seeds=(0, 1), steps=2, results_md=None, print_fn=lambda _: None,
+                        quick=True, budgets=(4,), tables=False, jobs=2, phase1_seed=5)
+    assert rep.command.endswith("--jobs 2 --phase1-seed 5") and rep.phase1_seed == 5
+    assert [t["seed"] for t in rep.timings if t["kind"] == "phase1"] == [5]
+    shared = tmp_path / "rep" / "phase1-seed5" / "tokens4" / "phase1" / "final"
+    for name in BUDGET_ROWS:
+        for seed, result in zip((0, 1), rep.budgets[4][name]):
+            run = Path(result.model).parent  # .../seed{seed}/tokens4/<variant>
+            assert run.parts[-3:-1] == (f"seed{seed}", "tokens4")
+            config = json.loads((run / "recipe.json").read_text())
+            assert Path(config["student"]) == shared, config["student"]
+    assert not (tmp_path / "rep" / "seed0" / "tokens4" / "phase1").exists()
+    assert "trained once with seed 5 (the seeds differ in phase 2's data order alone" in rep.markdown
 
 
 def test_results_markdown_of_a_budgets_only_run():

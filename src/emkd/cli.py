@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--jobs", type=int, default=1,
                      help="seeds trained at once, each in its own process with CPU cores / JOBS torch threads "
                      "(default: 1)")
+    rep.add_argument("--phase1-seed", type=int, default=None, metavar="SEED",
+                     help="start every seed's students from one phase 1 per token budget, trained once with SEED, so "
+                     "that the seeds differ in phase 2 alone (default: each seed trains its own phase 1)")
     rep.set_defaults(func=_run_reproduce)
 
     train = sub.add_parser("train", help="train a student from a YAML recipe", epilog=TRAIN_EXIT_CODES,
@@ -127,7 +130,7 @@ def _run_reproduce(args: argparse.Namespace) -> int:
     from emkd.demo.reproduce import run_reproduce
 
     run_reproduce(args.out, seeds=args.seeds, steps=args.steps, results_md=args.results, quick=args.quick,
-                  budgets=args.budgets, tables=args.tables, jobs=args.jobs)
+                  budgets=args.budgets, tables=args.tables, jobs=args.jobs, phase1_seed=args.phase1_seed)
     return 0
 
 

@@ -261,6 +261,7 @@ class Reproduction:
     machine: str = ""
     quick: bool = False  # the --quick pipeline check: the numbers mean nothing
     jobs: int = 1  # seeds trained at once, each in its own process
+    phase1_seed: int | None = None  # every seed's students start from this seed's phase-1 weights (None: their own)
     figure: Path | None = None  # the token-budget plot
     markdown: str = ""
 
@@ -475,8 +476,12 @@ def results_markdown(rep: Reproduction, figure: str | None = None) -> str:
         "",
         *(["`--quick` is a pipeline check: every stage ran on a tiny budget, and the students have not learned the "
            "task, so these numbers say nothing about the methods.", ""] if rep.quick else []),
-        f"Every student is phase-2 trained for {rep.steps} steps from the phase-1 weights of its seed (the same "
-        f"weights and data order for every variant of a seed) against the same teacher, read from `emkd "
+        f"Every student is phase-2 trained for {rep.steps} steps from "
+        + ("the phase-1 weights of its seed (the same weights and data order for every variant of a seed)"
+           if rep.phase1_seed is None else
+           f"one set of phase-1 weights per token budget, trained once with seed {rep.phase1_seed} (the seeds differ "
+           "in phase 2's data order alone; every variant of a seed sees the same order)")
+        + " against the same teacher, read from `emkd "
         f"cache-teacher` by every distillation method but {live} (a cached teacher gives the live teacher's losses). "
         f"Accuracy (%) on the held-out split ({rep.teacher.num_samples} records), seeds {seeds}. "
         f"Fine-grained: the mean over {', '.join(fine)} (every family but "
@@ -628,12 +633,15 @@ class _Runner:
 def run_reproduce(root: str | Path = "runs/reproduce", seeds: Sequence[int] = DEFAULT_SEEDS,
                   steps: int = 250, results_md: str | Path | None = "docs/results.md",
                   print_fn: Callable[[str], None] = print, quick: bool = False,
-                  budgets: Sequence[int] = DEFAULT_BUDGETS, tables: bool = True, jobs: int = 1) -> Reproduction:
+                  budgets: Sequence[int] = DEFAULT_BUDGETS, tables: bool = True, jobs: int = 1,
+                  phase1_seed: int | None = None) -> Reproduction:
     """Train and evaluate every variant of Tables 2 and 3 for each seed, and SFT / EM-KD students at each token
     budget (vision tokens per image; empty: none); write the markdown to ``results_md`` and the token-budget plot to
     ``figures/token_budget.png`` next to it (under ``root`` when ``results_md`` is ``None``). ``tables=False`` runs
     the token budgets only (the 16-token students then get their own SFT and EM-KD runs). ``jobs > 1`` trains that
-    many seeds at once, each in its own process with ``cpu_count // jobs`` torch threads (:func:`_run_seeds`)."""
+    many seeds at once, each in its own process with ``cpu_count // jobs`` torch threads (:func:`_run_seeds`).
+    ``phase1_seed``: every seed's students start from one phase 1 per token budget, trained once with that seed, so
+    that the seeds differ in phase 2 alone (its data order); ``None`` (default): each seed trains its own phase 1."""
     from emkd.demo.report import plot_accuracy_vs_ttft
 
     started = time.perf_counter()
@@ -661,16 +669,22 @@ def run_reproduce(root: str | Path = "runs/reproduce", seeds: Sequence[int] = DE
     teacher_result = runner.evaluate(teacher)
     command = ("emkd reproduce" + (" --quick" if quick else "") + f" --seeds {','.join(map(str, seeds))} --steps "
                f"{steps} " + (f"--budgets {','.join(map(str, budgets))}" if budgets else "--no-budgets")
-               + ("" if tables else " --no-tables") + (f" --jobs {jobs}" if jobs > 1 else ""))
+               + ("" if tables else " --no-tables") + (f" --jobs {jobs}" if jobs > 1 else "")
+               + (f" --phase1-seed {phase1_seed}" if phase1_seed is not None else ""))
     rep = Reproduction(command, seeds, steps, teacher_result, {}, timings=list(runner.timings),
-                       machine=machine_description(), quick=quick, jobs=jobs)
+                       machine=machine_description(), quick=quick, jobs=jobs, phase1_seed=phase1_seed)
 
     variants = {_variant_key(m, l): (m, l) for m, l in list(TABLE2.values()) + list(TABLE3.values())} if tables else {}
     rep.scores = {k: [] for k in variants}
     rep.matching = {k: [] for k in variants}
     side_budgets = [t for t in budgets if t != MAIN_TOKENS or not tables]  # MAIN_TOKENS reuses the Table 2 runs
     side_scores: dict[int, dict[str, list[EvalResult]]] = {t: {name: [] for name in BUDGET_ROWS} for t in side_budgets}
-    for outcome in _run_seeds(runner, seeds, variants, side_budgets, jobs):
+    shared: dict[int, Path] = {}  # token budget -> the phase-1 weights every seed starts from (--phase1-seed)
+    if phase1_seed is not None:
+        for tokens in ([MAIN_TOKENS] if variants else []) + list(side_budgets):
+            shared[tokens] = runner.phase1(phase1_seed, tokens, root / f"phase1-seed{phase1_seed}" / f"tokens{tokens}")
+        rep.timings.extend(runner.timings[len(rep.timings):])
+    for outcome in _run_seeds(runner, seeds, variants, side_budgets, jobs, shared):
         rep.timings.extend(outcome.timings)
         for key in variants:
             rep.scores[key].append(outcome.scores[key])
@@ -716,18 +730,24 @@ class _SeedOutcome:
 
 
 def _run_seed(runner: _Runner, seed: int, variants: dict[str, tuple[str, dict[str, Any]]],
-              side_budgets: Sequence[int]) -> _SeedOutcome:
-    """Every run of one seed: the 16-token phase 1 and the table variants, then each other budget's students."""
+              side_budgets: Sequence[int], shared: dict[int, Path] | None = None) -> _SeedOutcome:
+    """Every run of one seed: the 16-token phase 1 and the table variants, then each other budget's students.
+    ``shared``: token budget -> phase-1 weights to start from instead of the seed's own phase 1."""
     runner = dataclasses.replace(runner, timings=[])
     seed_dir = runner.root / f"seed{seed}"
     outcome = _SeedOutcome(seed, {}, {}, {}, runner.timings)
-    p1 = runner.phase1(seed, MAIN_TOKENS, seed_dir) if variants else None
+    shared = shared or {}
+
+    def phase1(tokens: int, directory: Path) -> Path:
+        return shared[tokens] if tokens in shared else runner.phase1(seed, tokens, directory)
+
+    p1 = phase1(MAIN_TOKENS, seed_dir) if variants else None
     for key, (method, loss) in variants.items():
         outcome.scores[key] = runner.phase2(seed, p1, seed_dir / key, method, loss)
         outcome.matching[key] = last_logged(seed_dir / key / "log.jsonl", MATCH_KEYS)
     for tokens in side_budgets:
         directory = seed_dir / f"tokens{tokens}"
-        p1_budget = runner.phase1(seed, tokens, directory)
+        p1_budget = phase1(tokens, directory)
         outcome.side[tokens] = {}
         for name in BUDGET_ROWS:
             method, loss = TABLE2[name]
@@ -750,14 +770,15 @@ def _worker_setup(threads: int, cores: Any) -> None:
 
 
 def _run_seeds(runner: _Runner, seeds: Sequence[int], variants: dict[str, tuple[str, dict[str, Any]]],
-               side_budgets: Sequence[int], jobs: int) -> Iterable[_SeedOutcome]:
+               side_budgets: Sequence[int], jobs: int, shared: dict[int, Path] | None = None
+               ) -> Iterable[_SeedOutcome]:
     """Each seed's outcome, in seed order. ``jobs > 1``: seeds run in that many spawned processes at once, each with
     ``cores // jobs`` threads in every library's pool, and its own cores where the system allows pinning; their
     progress lines go to standard output as they happen."""
     started = time.perf_counter()
     if jobs == 1:
         for i, seed in enumerate(seeds):
-            yield _run_seed(runner, seed, variants, side_budgets)
+            yield _run_seed(runner, seed, variants, side_budgets, shared)
             left = len(seeds) - i - 1
             _log_seed_done(runner.log, seed, left, (time.perf_counter() - started) / (i + 1) * left)
         return
@@ -777,7 +798,7 @@ def _run_seeds(runner: _Runner, seeds: Sequence[int], variants: dict[str, tuple[
     try:
         pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_setup,
                                                       initargs=(threads, cores))
-        futures = [pool.submit(_run_seed, worker, seed, variants, side_budgets) for seed in seeds]
+        futures = [pool.submit(_run_seed, worker, seed, variants, side_budgets, shared) for seed in seeds]
     finally:
         for name, value in saved.items():
             if value is None:
