@@ -38,6 +38,7 @@ def test_demo_quick_runs_end_to_end(tmp_path):
     report = (root / "report.md").read_text()
     assert "`--quick` is a pipeline check" in report
     assert "## Does the matching match?" in report  # the emkd run logged its matches: its matching is drawn
+    assert report.count("decode to the image's most common word") == 3  # teacher, SFT and EM-KD students
     for figure in ("loss_curves.png", "matching.png", "decoded_tokens.png"):
         assert (root / "figures" / figure).stat().st_size > 1000
         assert f"figures/{figure}" in report

@@ -262,6 +262,28 @@ def _as_dict(result) -> dict[str, Any]:
     return out
 
 
+VOCABULARY_IMAGES = 64  # held-out images the report's vision-vocabulary sentence is measured on
+
+
+@torch.no_grad()
+def _vision_logits(student, teacher, records: Path, images: Path, batch_size: int = 16
+                   ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Every record's student and teacher vision logits ``[N, V]`` (one entry per record with an image)."""
+    from emkd.data import PairCollator, PairDataset
+
+    pairs = PairDataset(records, images, student.side, teacher.side, template="chat", max_length=None)
+    collate = PairCollator(student.side, teacher.side)
+    out_s: list[torch.Tensor] = []
+    out_t: list[torch.Tensor] = []
+    for start in range(0, len(pairs), batch_size):
+        batch = collate([pairs[i] for i in range(start, min(start + batch_size, len(pairs)))])
+        s, t = student(batch["student"]).inputs, teacher(batch["teacher"]).inputs
+        for b in range(s.batch_size):
+            out_s.append(s.logits(s.vision_tokens(b)))
+            out_t.append(t.logits(t.vision_tokens(b)))
+    return out_s, out_t
+
+
 def write_report(root: Path, data: dict[str, Path], teacher_dir: Path, finals: dict[str, Path],
                  results: dict[str, Any], table: str, tokenizer, quick: bool) -> Path:
     """``report.md`` with the table, loss curves, the matching over an image and the decoded vision tokens."""
@@ -269,6 +291,7 @@ def write_report(root: Path, data: dict[str, Path], teacher_dir: Path, finals: d
 
     from emkd.data import PairCollator, PairDataset
     from emkd.demo.report import (
+        VisionVocabulary,
         decode_vision_tokens,
         plot_decoded_tokens,
         plot_loss_curves,
@@ -276,6 +299,7 @@ def write_report(root: Path, data: dict[str, Path], teacher_dir: Path, finals: d
         plot_matching,
         runs_with_matches,
         vision_views,
+        vision_vocabulary,
     )
     from emkd.models import EfficientMLLMAdapter, load_student, load_teacher
 
@@ -293,9 +317,17 @@ def write_report(root: Path, data: dict[str, Path], teacher_dir: Path, finals: d
     one.write_text(json.dumps([records[pick]]))
     panels: dict[str, list[str]] = {}
     image = None
+    with_images = [r for r in records if r.get("image")][:VOCABULARY_IMAGES]
+    many = root / "figures" / "vocabulary_sample.json"
+    many.write_text(json.dumps(with_images))
+    vocabulary: dict[str, VisionVocabulary] = {}
     for method, path in finals.items():
         model, side = load_student(path)
         student = EfficientMLLMAdapter(model, side)
+        if with_images:
+            student_logits, teacher_logits = _vision_logits(student, teacher, many, data["images"])
+            vocabulary.setdefault("teacher", vision_vocabulary(teacher_logits, tokenizer))
+            vocabulary[f"student ({method})"] = vision_vocabulary(student_logits, tokenizer)
         pair = PairDataset(one, data["images"], side, teacher.side, template="chat", max_length=None)
         batch = PairCollator(side, teacher.side)([pair[0]])
         views = vision_views(student, teacher, batch)
@@ -351,6 +383,12 @@ def write_report(root: Path, data: dict[str, Path], teacher_dir: Path, finals: d
         "",
         "![decoded vision tokens](figures/decoded_tokens.png)",
         "",
+        *([f"Over the first {len(with_images)} held-out images:", "",
+           *(f"- {v.sentence(name)}" for name, v in vocabulary.items()), "",
+           "The LM head never sees a loss at image positions, so the top word of a vision token is what the image "
+           "as a whole leans to (an answer word such as a colour or a number, or a frequent word), not what its "
+           "patch shows; VSD then teaches the student the teacher's image-level word.", ""]
+          if vocabulary else []),
     ]
     path = root / "report.md"
     path.write_text("\n".join(lines))

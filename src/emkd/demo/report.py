@@ -4,7 +4,8 @@
 * :func:`plot_matching` draws, over one image, a line from each student vision token to the teacher token
   Hungarian matching paired it with (EM-KD Eq. 1-2).
 * :func:`plot_decoded_tokens` writes each vision token's top vocabulary word at its place on the image, for the
-  teacher and the students (the EM-KD paper's Figure 2).
+  teacher and the students (the EM-KD paper's Figure 2); :func:`vision_vocabulary` measures over many images how
+  many of an image's tokens decode to its most common word.
 * :func:`plot_accuracy_vs_ttft` draws accuracy against time to first token, one line per method over token budgets,
   with the teacher as a reference point (``emkd reproduce``).
 * :func:`plot_match_quality` draws ``match_in_window`` (matched pairs inside the student token's pooling window) over
@@ -16,6 +17,8 @@ All figures use matplotlib's Agg canvas and never touch the global backend.
 from __future__ import annotations
 
 import json
+from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -102,6 +105,38 @@ def decode_vision_tokens(logits: torch.Tensor, tokenizer: Any) -> list[str]:
     special = [i for i in tokenizer.all_special_ids if i < logits.shape[-1]]
     logits[:, special] = float("-inf")
     return [tokenizer.decode([int(i)]).strip() or "·" for i in logits.argmax(-1)]
+
+
+@dataclass
+class VisionVocabulary:
+    """What the vision tokens of one model decode to (their top word, special tokens left out), over ``images``."""
+
+    images: int
+    tokens: int
+    image_word_share: float  # mean over images of the share of its tokens decoding to the image's most common word
+    distinct_image_words: int  # how many different words are some image's most common one
+    common_words: list[tuple[str, int]]  # the most frequent image words and how many images have each
+
+    def sentence(self, name: str) -> str:
+        words = ", ".join(f'"{w}" ({n})' for w, n in self.common_words)
+        return (f"{name}: {100 * self.image_word_share:.0f} % of an image's {self.tokens // max(self.images, 1)} "
+                f"vision tokens decode to the image's most common word; over {self.images} images that word is one "
+                f"of {self.distinct_image_words} (most often {words}).")
+
+
+def vision_vocabulary(logits: list[torch.Tensor], tokenizer: Any, top: int = 3) -> VisionVocabulary:
+    """Per image ``[N, V]`` vision logits -> :class:`VisionVocabulary`: whether the tokens of one image decode to one
+    word (the report's "all tokens say the same word"), and whether that word changes from image to image."""
+    if not logits:
+        raise ValueError("vision_vocabulary needs the vision logits of at least one image")
+    shares, words = [], Counter()
+    for z in logits:
+        decoded = decode_vision_tokens(z, tokenizer)
+        word, count = Counter(decoded).most_common(1)[0]
+        shares.append(count / len(decoded))
+        words[word] += 1
+    return VisionVocabulary(len(logits), sum(int(z.shape[0]) for z in logits), float(np.mean(shares)), len(words),
+                            words.most_common(top))
 
 
 def plot_decoded_tokens(image: np.ndarray, panels: dict[str, list[str]], path: str | Path) -> Path:
