@@ -241,7 +241,9 @@ def test_reproduce_quick_two_seeds_and_two_budgets(tmp_path):
                         print_fn=lines.append, quick=True, budgets=(4, 16))
     text = (tmp_path / "docs" / "results.md").read_text()
     assert text == rep.markdown
-    assert "Command: `emkd reproduce --quick --seeds 0,1 --steps 2 --budgets 4,16`." in text
+    # a results file other than docs/results.md is part of the command that reproduces it
+    results = (tmp_path / "docs" / "results.md").as_posix()
+    assert f"Command: `emkd reproduce --quick --seeds 0,1 --steps 2 --budgets 4,16 --results {results}`." in text
     assert "`--quick` is a pipeline check" in text
     columns = len(rep.teacher.accuracy) + 2  # every family, fine-grained, avg
     for name in list(TABLE2) + list(TABLE3):

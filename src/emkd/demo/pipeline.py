@@ -385,9 +385,10 @@ def write_report(root: Path, data: dict[str, Path], teacher_dir: Path, finals: d
         "",
         *([f"Over the first {len(with_images)} held-out images:", "",
            *(f"- {v.sentence(name)}" for name, v in vocabulary.items()), "",
-           "The LM head never sees a loss at image positions, so the top word of a vision token is what the image "
-           "as a whole leans to (an answer word such as a colour or a number, or a frequent word), not what its "
-           "patch shows; VSD then teaches the student the teacher's image-level word.", ""]
+           "No model here is trained with a loss at image positions, so a vision token's top word is what the "
+           "image as a whole leans to (an answer word such as a colour or a number, or a frequent word), not what "
+           "its patch shows: the SFT student, which no teacher pulls, does the same. VSD pulls the student's "
+           "vision logits, and so its words, towards the teacher's matched tokens.", ""]
           if vocabulary else []),
     ]
     path = root / "report.md"

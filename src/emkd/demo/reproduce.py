@@ -84,6 +84,7 @@ AVERAGE = "avg"  # column: macro average over every family (EvalResult.average)
 RESOLUTION_POINTS = 2.0  # the difference the testbed should resolve on the fine-grained average
 DEFAULT_SEEDS = (0, 1, 2, 3, 4)
 DEFAULT_BUDGETS = (4, 16, 64)
+DEFAULT_RESULTS = "docs/results.md"  # where `emkd reproduce` writes its markdown unless --results says otherwise
 PATCH_GRID = VISION["image_size"] // VISION["patch_size"]  # the teacher's patch grid side (8: 64 tokens)
 MAIN_TOKENS = STUDENT["pool_size"] ** 2  # vision tokens of the students of Tables 2 and 3
 CONFIDENCE = 0.95
@@ -631,7 +632,7 @@ class _Runner:
 
 
 def run_reproduce(root: str | Path = "runs/reproduce", seeds: Sequence[int] = DEFAULT_SEEDS,
-                  steps: int = 250, results_md: str | Path | None = "docs/results.md",
+                  steps: int = 250, results_md: str | Path | None = DEFAULT_RESULTS,
                   print_fn: Callable[[str], None] = print, quick: bool = False,
                   budgets: Sequence[int] = DEFAULT_BUDGETS, tables: bool = True, jobs: int = 1,
                   phase1_seed: int | None = None) -> Reproduction:
@@ -670,7 +671,9 @@ def run_reproduce(root: str | Path = "runs/reproduce", seeds: Sequence[int] = DE
     command = ("emkd reproduce" + (" --quick" if quick else "") + f" --seeds {','.join(map(str, seeds))} --steps "
                f"{steps} " + (f"--budgets {','.join(map(str, budgets))}" if budgets else "--no-budgets")
                + ("" if tables else " --no-tables") + (f" --jobs {jobs}" if jobs > 1 else "")
-               + (f" --phase1-seed {phase1_seed}" if phase1_seed is not None else ""))
+               + (f" --phase1-seed {phase1_seed}" if phase1_seed is not None else "")
+               + (f" --results {Path(results_md).as_posix()}"
+                  if results_md is not None and Path(results_md) != Path(DEFAULT_RESULTS) else ""))
     rep = Reproduction(command, seeds, steps, teacher_result, {}, timings=list(runner.timings),
                        machine=machine_description(), quick=quick, jobs=jobs, phase1_seed=phase1_seed)
 
