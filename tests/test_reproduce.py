@@ -5,6 +5,9 @@ import json
 import math
 import re
 import statistics
+import subprocess
+import sys
+import time
 
 from pathlib import Path
 
@@ -316,3 +319,33 @@ def test_results_markdown_of_a_budgets_only_run():
 def test_no_tables_needs_budgets(tmp_path):
     with pytest.raises(UserError, match="--no-tables needs token budgets"):
         run_reproduce(tmp_path, seeds=(0,), budgets=(), tables=False, results_md=None)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_worker_ends_when_its_parent_is_killed():
+    """``kill`` of ``emkd reproduce --jobs 2`` (SIGKILL here: the parent cleans nothing up) ends its workers too."""
+    script = (
+        "import concurrent.futures, multiprocessing, os, time\n"
+        "from emkd.demo.reproduce import _end_with_parent\n"
+        "pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'),\n"
+        "                                              initializer=_end_with_parent, initargs=(os.getpid(),))\n"
+        "print(pool.submit(os.getpid).result(), flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        worker = int(parent.stdout.readline())
+    finally:
+        parent.kill()
+        parent.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"  # a zombie has ended
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 20
+    while alive(worker) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive(worker), f"worker {worker} outlived its killed parent"

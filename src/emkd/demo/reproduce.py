@@ -31,6 +31,7 @@ import math
 import os
 import platform
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -763,9 +764,28 @@ def _run_seed(runner: _Runner, seed: int, variants: dict[str, tuple[str, dict[st
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
-def _worker_setup(threads: int, cores: Any) -> None:
-    """A worker's start: ``threads`` torch threads, and, where the system allows it, its own cores (from the queue
-    ``cores``), so that no pool of one worker spins on the other's cores."""
+def _end_with_parent(parent: int) -> None:
+    """Ask Linux to send this process SIGTERM when ``parent`` (the process that started it) ends, so that a killed
+    ``emkd reproduce`` leaves no worker training on; if ``parent`` has already ended, end now. Elsewhere nothing: a
+    worker then ends when its pool's pipe closes, after its current run."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent ended before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker_setup(threads: int, cores: Any, parent: int) -> None:
+    """A worker's start: it ends with ``parent`` (:func:`_end_with_parent`); ``threads`` torch threads, and, where
+    the system allows it, its own cores (from the queue ``cores``), so that no pool of one worker spins on the other's
+    cores."""
+    _end_with_parent(parent)
     torch.set_num_threads(threads)
     own = cores.get()
     if own and hasattr(os, "sched_setaffinity"):
@@ -800,7 +820,7 @@ def _run_seeds(runner: _Runner, seeds: Sequence[int], variants: dict[str, tuple[
     os.environ.update({name: str(threads) for name in THREAD_VARIABLES})  # read by the workers' libraries at start
     try:
         pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_setup,
-                                                      initargs=(threads, cores))
+                                                      initargs=(threads, cores, os.getpid()))
         futures = [pool.submit(_run_seed, worker, seed, variants, side_budgets, shared) for seed in seeds]
     finally:
         for name, value in saved.items():
