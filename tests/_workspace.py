@@ -53,6 +53,13 @@ def build_workspace(
             "train": root / "train.json", "captions": root / "captions.json"}
 
 
+def workspace_overrides(ws: dict, out, *extra: str, teacher=None) -> list[str]:
+    """``emkd train`` overrides that point a recipe at a :func:`build_workspace` (student, teacher, data) and write
+    to ``out``, followed by ``extra``."""
+    return [f"student={ws['student']}", f"teacher={teacher or ws['teacher']}", f"data.train={ws['train']}",
+            f"data.images={ws['images']}", f"output_dir={out}", *extra]
+
+
 def free_port() -> str:
     """A TCP port free on this machine now, for a torchrun rendezvous (fixed ports clash when two suites run)."""
     import socket

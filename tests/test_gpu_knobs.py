@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from _workspace import build_workspace
+from _workspace import build_workspace, workspace_overrides
 from emkd.errors import UserError
 from emkd.training.config import TrainConfig, load_recipe
 from emkd.training.run import (
@@ -30,8 +30,7 @@ def ws(tmp_path_factory):
 
 
 def recipe(ws, out, *extra):
-    return load_recipe(None, [f"student={ws['student']}", f"teacher={ws['teacher']}", f"data.train={ws['train']}",
-                              f"data.images={ws['images']}", f"output_dir={out}", "method=kd", *FAST, *extra])
+    return load_recipe(None, workspace_overrides(ws, out, "method=kd", *FAST, *extra))
 
 
 # ---- the keys: declared, checked, passed on, fingerprinted ----------------------------------------------------------

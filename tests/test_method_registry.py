@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from _workspace import build_workspace
+from _workspace import build_workspace, workspace_overrides
 from emkd.errors import UserError
 from emkd.inputs import DistillInputs
 from emkd.losses.head import head_divergences
@@ -75,8 +75,7 @@ def ws(tmp_path_factory):
 
 
 def recipe(ws, out, *extra):
-    return load_recipe(None, [f"student={ws['student']}", f"teacher={ws['teacher']}", f"data.train={ws['train']}",
-                              f"data.images={ws['images']}", f"output_dir={out}", *FAST, *extra])
+    return load_recipe(None, workspace_overrides(ws, out, *FAST, *extra))
 
 
 def fake_trainer(kind):

@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import TrainerCallback
 
-from _workspace import build_workspace
+from _workspace import build_workspace, workspace_overrides
 from emkd.errors import UserError
 from emkd.training.config import load_recipe
 from emkd.training.run import build_trainer, run_recipe, training_arguments
@@ -26,8 +26,7 @@ def ws(tmp_path_factory):
 
 
 def recipe(ws, out, *extra):
-    return load_recipe(None, [f"student={ws['student']}", f"teacher={ws['teacher']}", f"data.train={ws['train']}",
-                              f"data.images={ws['images']}", f"output_dir={out}", "method=sft", *FAST, *extra])
+    return load_recipe(None, workspace_overrides(ws, out, "method=sft", *FAST, *extra))
 
 
 def by_identity(model) -> dict[int, str]:

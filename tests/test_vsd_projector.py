@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from _workspace import build_workspace
+from _workspace import build_workspace, workspace_overrides
 from emkd.errors import OutputDirError
 from emkd.models import load_student
 from emkd.training.config import load_recipe
@@ -28,9 +28,7 @@ def ws(tmp_path_factory):
 
 
 def recipe(ws, out, *extra, teacher=None):
-    return load_recipe(None, [f"student={ws['student']}", f"teacher={teacher or ws['teacher']}",
-                              f"data.train={ws['train']}", f"data.images={ws['images']}", f"output_dir={out}",
-                              *FAST, *extra])
+    return load_recipe(None, workspace_overrides(ws, out, *FAST, *extra, teacher=teacher))
 
 
 
