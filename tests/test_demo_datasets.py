@@ -217,8 +217,8 @@ def test_a_linear_pooled_token_cannot_tell_which_object_is_framed(name):
     """About half the framed objects share their block with three distractors. Moving the frame to another object of
     that block changes the answer and the teacher's view, not the pooled view; the block's four answers differ and
     the frame sits on each equally often, so any rule on the linear pooled view is right on at most a quarter of
-    those samples (chance: one in six). The other half keep the framed object alone in its block: its answer survives
-    the pooling, diluted four times."""
+    those samples (chance: one in nine to twelve). The other half keep the framed object alone in its block: its
+    answer survives the pooling, diluted four times."""
     family = FAMILIES[name]
     rng = _rng(123, name, "pooling-test")
     framed, alone = Counter(), 0

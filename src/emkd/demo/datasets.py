@@ -7,15 +7,17 @@ about the framed one. In half the samples (:data:`ALONE`) the framed object is a
 the block's three other cells hold distractors whose answers all differ from it and from each other. Two to four
 more objects sit in other blocks.
 
-* ``color``: a small shape in one of 6 colours; "what color is the shape in the frame?"
-* ``counting``: 1-6 dots of 2 x 2 px; "how many dots are in the frame?"
-* ``ocr``: a DejaVu Sans digit 1-6, 6 px tall; "what digit is in the frame?"
-* ``chart``: a bar 1-6 px tall; "how tall is the bar in the frame?"
+* ``color``: a small shape in one of 10 colours, some of them near each other (red, orange, pink, brown; green,
+  lime; blue, cyan, purple); "what color is the shape in the frame?" (chance: one in ten)
+* ``counting``: 1-9 dots of 2 x 2 px on a 3 x 3 lattice; "how many dots are in the frame?" (one in nine)
+* ``ocr``: a DejaVu Sans digit 0-9, 6 px tall; "what digit is in the frame?" (one in ten)
+* ``chart``: a bar 1-12 half pixels tall (whole rows, and a row at half ink on top when the height is odd); "how
+  tall is the bar in the frame?" (one in twelve)
 
 The teacher finds the framed token and reads it. The student's one token for the block overlays the block's objects
 and the frame. With a linear patch embedding (:func:`pooled_view`) that token is the same whichever object of a
 crowded block is framed: the answer is one of four with nothing to choose between them (a quarter at best, against
-a chance of one in six), while an object alone in its block keeps its answer, diluted four times. The suite's
+a chance of one in nine to twelve), while an object alone in its block keeps its answer, diluted four times. The suite's
 towers are *not* linear: their features come after one transformer layer (``vision_feature_layer=-1``), which can
 route the framed patch to channels of its own before the pooling (the tests do it with a hand-made feature), and
 then the answer survives in crowded blocks too. The student recovers it only by training its tower to carry it --
@@ -65,7 +67,7 @@ SIZE = 64  # image side, px
 PATCH = 8  # teacher patch side, px
 POOL = 2  # the student pools POOL x POOL patch tokens into one
 CELLS = SIZE // PATCH  # 8 patch cells per side
-DATA_VERSION = 3  # bump when any generator changes its output; invalidates cached builds
+DATA_VERSION = 5  # bump when any generator changes its output; invalidates cached builds
 
 FAMILY_GROUPS = {
     "general": "General",
@@ -74,7 +76,7 @@ FAMILY_GROUPS = {
     "ocr": "OCR & Chart",
     "chart": "OCR & Chart",
 }
-NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
+NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 
 
 # ---- shared helpers -------------------------------------------------------------------------------------------------
@@ -177,6 +179,10 @@ PALETTE = {
     "yellow": (240, 210, 30),
     "purple": (170, 60, 210),
     "orange": (250, 140, 20),
+    "pink": (250, 120, 180),
+    "cyan": (40, 210, 220),
+    "brown": (150, 90, 40),
+    "lime": (170, 240, 40),
 }
 FRAME_COLOR = (255, 255, 255)  # no object is white: the frame is the only white ink
 INSIDE = 6  # an object fills at most the 6 x 6 px inside its cell's 1 px frame line
@@ -184,7 +190,7 @@ CLUTTER = (2, 4)  # objects outside the framed block: between 2 and 4, in cells 
 ALONE = 0.5  # probability that the framed object is alone in its block (its answer survives pooling, diluted)
 SHAPES = ("square", "circle", "triangle", "cross")
 DOT_SLOTS = [(1 + 2 * i, 1 + 2 * j) for i in range(3) for j in range(3)]  # 2 x 2 px dots on a 3 x 3 lattice
-OCR_DIGITS = "123456"
+OCR_DIGITS = "0123456789"
 OCR_SIZE = 8  # DejaVu Sans digits are 6 px tall and 5 px wide at this size: one fits inside a frame
 
 
@@ -237,8 +243,12 @@ def _dots(n: int, slots: list[int]) -> np.ndarray:
 
 
 def _bar(height: int) -> np.ndarray:
+    """A bar ``height`` half pixels tall (1-12): whole rows, and a row at half ink on top when ``height`` is odd."""
     mask = np.zeros((PATCH, PATCH), np.float32)
-    mask[1 + INSIDE - height : 1 + INSIDE, 2:6] = 1
+    full = height // 2
+    mask[1 + INSIDE - full : 1 + INSIDE, 2:6] = 1
+    if height % 2:
+        mask[INSIDE - full, 2:6] = 0.5
     return mask
 
 
@@ -305,8 +315,8 @@ COLOR = Family(
 
 COUNTING = Family(
     name="counting",
-    answers=tuple(str(n) for n in range(1, 7)),
-    sample=_framed_sample(tuple(str(n) for n in range(1, 7)), _dot_slots),
+    answers=tuple(str(n) for n in range(1, 10)),
+    sample=_framed_sample(tuple(str(n) for n in range(1, 10)), _dot_slots),
     render=_framed_render(lambda obj: _dots(int(obj["value"]), obj["slots"])),
     question=lambda meta: "how many dots are in the frame?",
     answer=lambda meta: _framed(meta)["value"],
@@ -327,8 +337,8 @@ OCR = Family(
 
 CHART = Family(
     name="chart",
-    answers=tuple(str(h) for h in range(1, INSIDE + 1)),
-    sample=_framed_sample(tuple(str(h) for h in range(1, INSIDE + 1)), _any_color),
+    answers=tuple(str(h) for h in range(1, 2 * INSIDE + 1)),
+    sample=_framed_sample(tuple(str(h) for h in range(1, 2 * INSIDE + 1)), _any_color),
     render=_framed_render(lambda obj: _bar(int(obj["value"]))),
     question=lambda meta: "how tall is the bar in the frame?",
     answer=lambda meta: _framed(meta)["value"],
