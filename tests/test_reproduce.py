@@ -349,3 +349,29 @@ def test_a_worker_ends_when_its_parent_is_killed():
     while alive(worker) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive(worker), f"worker {worker} outlived its killed parent"
+
+
+def test_a_rerun_reuses_the_runs_an_interrupted_reproduce_finished(tmp_path):
+    """An ``emkd reproduce`` stopped part-way keeps what it finished: the same command again reuses every run whose
+    recipe, completion and held-out split match, and trains the rest; another step count trains phase 2 again."""
+    def run(steps: int, lines: list[str]):
+        return run_reproduce(tmp_path / "rep", seeds=(0,), steps=steps, results_md=None, print_fn=lines.append,
+                             quick=True, budgets=(4,), tables=False)
+
+    first = run(2, [])
+    budget = tmp_path / "rep" / "seed0" / "tokens4"
+    (budget / "emkd" / "summary.json").unlink()  # as if stopped while training EM-KD
+    lines: list[str] = []
+    again = run(2, lines)
+    reused = [line for line in lines if "(reused: finished in" in line]
+    assert len(reused) == 2 and any("phase 1 (4 vision tokens)" in line for line in reused), reused
+    assert any(f"sft seed 0: avg {100 * first.budgets[4]['SFT'][0].average:.1f} (reused" in line for line in reused)
+    assert again.budgets[4]["SFT"][0].accuracy == first.budgets[4]["SFT"][0].accuracy
+    assert (budget / "emkd" / "summary.json").is_file()  # trained again, and finished this time
+    assert [t.get("reused", False) for t in again.timings] == [True, True, False]
+    assert "2 runs finished by an earlier, interrupted invocation of this command and reused" in again.markdown
+
+    lines = []
+    run(3, lines)  # other phase-2 recipes: phase 1 (the same) is reused, every phase-2 run trains again
+    reused = [line for line in lines if "(reused: finished in" in line]
+    assert len(reused) == 1 and "phase 1" in reused[0], reused

@@ -44,6 +44,7 @@ from emkd.demo.datasets import FAMILY_GROUPS
 from emkd.demo.pipeline import (
     QUICK,
     STUDENT,
+    _recipe,
     TEACHER_SEED,
     VISION,
     DemoBudget,
@@ -457,6 +458,12 @@ def _timing_text(rep: Reproduction) -> str:
         parts.append(f"{statistics.fmean(phase1):.0f} s per phase-1 run")
     if rep.jobs > 1:
         parts.append(f"{rep.jobs} seeds trained at once, one process each (per-run times are each process's own)")
+    reused = [t for t in rep.timings if t.get("reused") or t["kind"] == "reused"]
+    if reused:
+        untimed = sum(t["kind"] == "reused" for t in reused)
+        parts.append(f"{_count(len(reused), 'run')} finished by an earlier, interrupted invocation of this command "
+                     "and reused, so the total covers only what this invocation trained"
+                     + (f" ({untimed} of them left no time and are not in the per-run figures)" if untimed else ""))
     return "; ".join(parts) + "."
 
 
@@ -598,13 +605,21 @@ class _Runner:
         """A student with ``tokens`` vision tokens, the teacher's vision tower, caption-aligned: its final weights."""
         _, init_student = init_models(self.tokenizer, directory, seed, pool_size=pool_size_for(tokens),
                                       tower_seed=TEACHER_SEED)
+        recipe = "demo_student_phase1.yaml"
+        overrides = [f"student={init_student}", f"data.train={self.data['captions']}",
+                     f"output_dir={directory / 'phase1'}", f"max_steps={self.budget.student_phase1_steps}",
+                     *self.common(seed)]
+        if finished_run(recipe, overrides, directory / "phase1"):
+            self.timings.append(_reused_timing(directory / "phase1", {"seed": seed, "run": f"phase1-{tokens}tok",
+                                                                      "kind": "phase1", "eval_s": 0.0}))
+            self.log(f"  phase 1 ({tokens} vision tokens) seed {seed}: (reused: finished in {directory / 'phase1'})")
+            return directory / "phase1" / "final"
         start = time.perf_counter()
-        summary = run_train("demo_student_phase1.yaml", [
-            f"student={init_student}", f"data.train={self.data['captions']}", f"output_dir={directory / 'phase1'}",
-            f"max_steps={self.budget.student_phase1_steps}", *self.common(seed)], self.log)
+        summary = run_train(recipe, overrides, self.log)
         seconds = time.perf_counter() - start
-        self.timings.append({"seed": seed, "run": f"phase1-{tokens}tok", "kind": "phase1", "train_s": seconds,
-                             "eval_s": 0.0})
+        timing = {"seed": seed, "run": f"phase1-{tokens}tok", "kind": "phase1", "train_s": seconds, "eval_s": 0.0}
+        (directory / "phase1" / "timing.json").write_text(json.dumps(timing) + "\n")
+        self.timings.append(timing)
         self.log(f"  phase 1 ({tokens} vision tokens) seed {seed}: {seconds:.0f} s")
         return Path(summary["final_model"])
 
@@ -619,17 +634,67 @@ class _Runner:
         if cls.needs_teacher and cls.supports_teacher_cache:
             overrides.append(f"teacher_cache={self.cache}")
         overrides += [f"loss.{k}={v}" for k, v in loss.items()]
+        reused = self.reuse(seed, out, overrides)
+        if reused is not None:
+            return reused
         start = time.perf_counter()
         summary = run_train("demo_student_phase2.yaml", overrides, self.log)
         trained = time.perf_counter()
         result = self.evaluate(Path(summary["final_model"]))
         done = time.perf_counter()
         result.write_json(out / "eval.json")
-        self.timings.append({"seed": seed, "run": out.name, "kind": "phase2", "train_s": trained - start,
-                             "eval_s": done - trained})
+        timing = {"seed": seed, "run": out.name, "kind": "phase2", "train_s": trained - start, "eval_s": done - trained}
+        (out / "timing.json").write_text(json.dumps(timing) + "\n")
+        self.timings.append(timing)
         self.log(f"  {out.name} seed {seed}: avg {100 * result.average:.1f} ({trained - start:.0f} s training, "
                  f"{done - trained:.0f} s evaluation)")
         return result
+
+    def reuse(self, seed: int, out: Path, overrides: list[str]) -> EvalResult | None:
+        """The evaluation of a phase-2 run that an earlier ``emkd reproduce`` finished in ``out`` with exactly these
+        overrides (:func:`finished_run`) and evaluated on this held-out split; ``None`` when there is none."""
+        try:
+            result = EvalResult.from_dict(json.loads((out / "eval.json").read_text()))
+        except (OSError, ValueError, TypeError, KeyError):
+            return None
+        if not finished_run("demo_student_phase2.yaml", overrides, out) or result.counts != self.test_counts():
+            return None
+        self.timings.append(_reused_timing(out, {"seed": seed, "run": out.name, "kind": "phase2"}))
+        self.log(f"  {out.name} seed {seed}: avg {100 * result.average:.1f} (reused: finished in {out})")
+        return result
+
+    def test_counts(self) -> dict[str, int]:
+        """Records per category of the held-out split, in data order (what an evaluation's ``counts`` holds)."""
+        counts: dict[str, int] = {}
+        for record in json.loads(self.data["test"].read_text()):
+            counts[record.get("category")] = counts.get(record.get("category"), 0) + 1
+        return counts
+
+
+def _reused_timing(out: Path, timing: dict[str, Any]) -> dict[str, Any]:
+    """The timing entry of a reused run: what its ``timing.json`` recorded when it was trained (``reused`` marks
+    it), or, without one, the entry with kind ``reused`` alone (counted, not timed)."""
+    try:
+        recorded = json.loads((out / "timing.json").read_text())
+    except (OSError, ValueError):
+        return {**timing, "kind": "reused"}
+    return {**timing, **{k: recorded[k] for k in ("train_s", "eval_s") if k in recorded}, "reused": True}
+
+
+def finished_run(recipe: str, overrides: list[str], out: Path) -> bool:
+    """Whether ``out`` holds a finished training run of ``recipe`` with ``overrides``: its ``recipe.json`` is what
+    they resolve to now, its ``summary.json`` says it finished uninterrupted, and its final weights are there. What
+    lets a rerun of an interrupted ``emkd reproduce`` keep the runs it had finished instead of training them again."""
+    from emkd.training.config import load_recipe
+
+    try:
+        saved = json.loads((out / "recipe.json").read_text())
+        summary = json.loads((out / "summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    wanted = json.loads(json.dumps(dataclasses.asdict(load_recipe(_recipe(recipe), overrides))))
+    return (saved == wanted and summary.get("status") == "finished" and not summary.get("interrupted")
+            and (out / "final" / "config.json").is_file())
 
 
 def run_reproduce(root: str | Path = "runs/reproduce", seeds: Sequence[int] = DEFAULT_SEEDS,
