@@ -302,6 +302,7 @@ def test_reproduce_phase1_seed_trains_one_phase1_that_every_seed_starts_from(tmp
             assert Path(config["student"]) == shared, config["student"]
     assert not (tmp_path / "rep" / "seed0" / "tokens4" / "phase1").exists()
     assert "trained once with seed 5 (the seeds differ in phase 2's data order alone" in rep.markdown
+    assert "each with its own phase 1 (one per budget, trained once with seed 5)" in rep.markdown
 
 
 def test_results_markdown_of_a_budgets_only_run():

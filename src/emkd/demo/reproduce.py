@@ -527,7 +527,9 @@ def results_markdown(rep: Reproduction, figure: str | None = None) -> str:
             "Students that pool the teacher's "
             f"{PATCH_GRID} x {PATCH_GRID} patch grid to "
             + ", ".join(f"{pool_size_for(t)} x {pool_size_for(t)} ({t} tokens)" for t in rep.budgets)
-            + ", each with its own phase 1 per seed and an SFT and an EM-KD phase 2 from it. TTFT: the median of "
+            + (f", each with its own phase 1 (one per budget, trained once with seed {rep.phase1_seed})"
+               if rep.phase1_seed is not None else ", each with its own phase 1 per seed")
+            + " and an SFT and an EM-KD phase 2 from it. TTFT: the median of "
             f"{_count(len(rep.teacher.ttft_samples_ms), 'prefill run')} (batch 1, "
             f"{_count(rep.teacher.ttft_threads, 'thread')}) per model, mean ± std "
             "over seeds; the teacher (every patch token, a larger LLM) is the reference. Last two columns: "
