@@ -448,8 +448,9 @@ def _duration(seconds: float) -> str:
 
 
 def _timing_text(rep: Reproduction) -> str:
-    phase1 = [t["train_s"] for t in rep.timings if t["kind"] == "phase1"]
-    phase2 = [t["train_s"] + t["eval_s"] for t in rep.timings if t["kind"] == "phase2"]
+    timed = [t for t in rep.timings if "train_s" in t]  # a reused run without a recorded time is only counted
+    phase1 = [t["train_s"] for t in timed if t["kind"] == "phase1"]
+    phase2 = [t["train_s"] + t["eval_s"] for t in timed if t["kind"] == "phase2"]
     parts = [f"Wall time: {_duration(rep.wall_seconds)} in total"]
     if phase2:
         parts.append(f"{statistics.fmean(phase2):.0f} s per phase-2 run with its evaluation (mean over "
@@ -458,9 +459,9 @@ def _timing_text(rep: Reproduction) -> str:
         parts.append(f"{statistics.fmean(phase1):.0f} s per phase-1 run")
     if rep.jobs > 1:
         parts.append(f"{rep.jobs} seeds trained at once, one process each (per-run times are each process's own)")
-    reused = [t for t in rep.timings if t.get("reused") or t["kind"] == "reused"]
+    reused = [t for t in rep.timings if t.get("reused")]
     if reused:
-        untimed = sum(t["kind"] == "reused" for t in reused)
+        untimed = len(rep.timings) - len(timed)
         parts.append(f"{_count(len(reused), 'run')} finished by an earlier, interrupted invocation of this command "
                      "and reused, so the total covers only what this invocation trained"
                      + (f" ({untimed} of them left no time and are not in the per-run figures)" if untimed else ""))
@@ -613,7 +614,7 @@ class _Runner:
                      *self.common(seed)]
         if finished_run(recipe, overrides, directory / "phase1"):
             self.timings.append(_reused_timing(directory / "phase1", {"seed": seed, "run": f"phase1-{tokens}tok",
-                                                                      "kind": "phase1", "eval_s": 0.0}))
+                                                                      "kind": "phase1"}))
             self.log(f"  phase 1 ({tokens} vision tokens) seed {seed}: (reused: finished in {directory / 'phase1'})")
             return directory / "phase1" / "final"
         start = time.perf_counter()
@@ -659,27 +660,31 @@ class _Runner:
             result = EvalResult.from_dict(json.loads((out / "eval.json").read_text()))
         except (OSError, ValueError, TypeError, KeyError):
             return None
-        if not finished_run("demo_student_phase2.yaml", overrides, out) or result.counts != self.test_counts():
+        if not finished_run("demo_student_phase2.yaml", overrides, out) or result.counts != _category_counts(
+                str(self.data["test"])):
             return None
         self.timings.append(_reused_timing(out, {"seed": seed, "run": out.name, "kind": "phase2"}))
         self.log(f"  {out.name} seed {seed}: avg {100 * result.average:.1f} (reused: finished in {out})")
         return result
 
-    def test_counts(self) -> dict[str, int]:
-        """Records per category of the held-out split, in data order (what an evaluation's ``counts`` holds)."""
-        counts: dict[str, int] = {}
-        for record in json.loads(self.data["test"].read_text()):
-            counts[record.get("category")] = counts.get(record.get("category"), 0) + 1
-        return counts
+
+
+@functools.lru_cache(maxsize=None)
+def _category_counts(path: str) -> dict[str, int]:
+    """Records per category of a data file (what an evaluation of it holds in ``counts``), read once per file."""
+    counts: dict[str, int] = {}
+    for record in json.loads(Path(path).read_text()):
+        counts[record.get("category")] = counts.get(record.get("category"), 0) + 1
+    return counts
 
 
 def _reused_timing(out: Path, timing: dict[str, Any]) -> dict[str, Any]:
-    """The timing entry of a reused run: what its ``timing.json`` recorded when it was trained (``reused`` marks
-    it), or, without one, the entry with kind ``reused`` alone (counted, not timed)."""
+    """The timing entry of a reused run, marked ``reused``: with the times its ``timing.json`` recorded when it was
+    trained, or without times when it has none (counted, not timed)."""
     try:
         recorded = json.loads((out / "timing.json").read_text())
     except (OSError, ValueError):
-        return {**timing, "kind": "reused"}
+        recorded = {}
     return {**timing, **{k: recorded[k] for k in ("train_s", "eval_s") if k in recorded}, "reused": True}
 
 
