@@ -9,7 +9,9 @@ initialised student (2 x 2 pooling to 16 tokens, LLM 128 x 2), batches of 32 rec
 the fine-grained suite, chat template), ``recipes/demo_student_phase2.yaml``. One step = ``Trainer.training_step``
 (every model forward, the loss, backward) + the optimizer step. The methods take turns step by step, on the same
 batches, so machine load falls on all of them alike; the median step time of each is reported, with the ratios the
-EM-KD and Align-TI papers discuss (EM-KD / SFT, Align-TI / vanilla KD).
+EM-KD and Align-TI papers discuss (EM-KD / SFT, Align-TI / vanilla KD), each with a 95 % bootstrap interval over the
+timed steps (a step is resampled with every method's time on it, since they ran on the same batch, back to back).
+The interval covers step-to-step noise within this run only, not a machine that is busier or quieter for a whole run.
 """
 
 from __future__ import annotations
@@ -106,14 +108,28 @@ def main() -> None:
           f"{torch.get_num_threads()} threads, losses {args.implementation}:")
     for method, value in median.items():
         print(f"  {method:9s} {value * 1000:8.1f} ms")
-    ratios = {}
+    ratios, intervals = {}, {}
     for num, den in (("emkd", "sft"), ("align_ti", "kd"), ("kd", "sft"), ("llava_kd", "sft"), ("emkd", "kd"),
                      ("emkd+cache", "sft"), ("kd+cache", "sft")):
         if num in median and den in median:
-            ratios[f"{num}/{den}"] = median[num] / median[den]
-            print(f"  {num} / {den}: {ratios[f'{num}/{den}']:.2f}x")
+            key = f"{num}/{den}"
+            ratios[key] = median[num] / median[den]
+            intervals[key] = ratio_interval(times[num], times[den])
+            low, high = intervals[key]
+            print(f"  {num} / {den}: {ratios[key]:.2f}x  [95 % bootstrap interval {low:.2f}, {high:.2f}]")
     if args.json:
-        Path(args.json).write_text(json.dumps({"median_s": median, "ratios": ratios, "times_s": times}, indent=2))
+        Path(args.json).write_text(json.dumps(
+            {"median_s": median, "ratios": ratios, "ratio_intervals_95": intervals, "times_s": times}, indent=2))
+
+
+def ratio_interval(num: list[float], den: list[float], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95 % percentile-bootstrap interval of ``median(num) / median(den)``, resampling whole steps: step ``i`` of
+    both methods ran on the same batch, one right after the other, so a step is drawn with both of its times."""
+    generator = torch.Generator().manual_seed(seed)
+    a, b = torch.tensor(num), torch.tensor(den)
+    picks = torch.randint(0, len(a), (draws, len(a)), generator=generator)  # (draws, steps)
+    ratio = a[picks].median(dim=1).values / b[picks].median(dim=1).values  # (draws,)
+    return float(ratio.quantile(0.025)), float(ratio.quantile(0.975))
 
 
 if __name__ == "__main__":

@@ -63,6 +63,32 @@ def test_fused_divergences_match_materialised_logits(kinds, temperature, chunk_s
         torch.testing.assert_close(got.double() / scale, want / scale, rtol=0, atol=1e-5, msg=name)
 
 
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_one_chunk_backward_reuses_the_forward_logits_without_writing_them(temperature):
+    """With the whole vocabulary in one chunk the backward pass reads the forward pass's logits instead of
+    recomputing them: a second backward over the same graph (``retain_graph``) must give the same gradients, and
+    they must equal those of the recomputing path (two chunks) within float32 rounding."""
+    hs, ws, bs, ht, wt, bt, targets = (x.float() if x.is_floating_point() else x for x in _inputs())
+    kinds = ("ce", "forward", "reverse", "jsd")
+    grads = {}
+    for chunk_size in (ws.shape[0], 64):
+        leaves = [hs.clone().requires_grad_(), ws.clone().requires_grad_(), bs.clone().requires_grad_()]
+        out = fused_head_divergences(*leaves, ht, wt, bt, kinds, temperature, targets, 0.3, chunk_size)
+        first = torch.autograd.grad(out.sum(), leaves, retain_graph=True)
+        second = torch.autograd.grad(out.sum(), leaves)
+        for a, b in zip(first, second):
+            assert torch.equal(a, b)
+        grads[chunk_size] = first
+    for one, two in zip(grads[ws.shape[0]], grads[64]):
+        torch.testing.assert_close(one, two, rtol=1e-5, atol=1e-6)
+
+    leaves = [hs.clone().requires_grad_(), ws.clone().requires_grad_(), bs.clone().requires_grad_()]
+    gram = fused_head_gram(*leaves, chunk_size=ws.shape[0])
+    first = torch.autograd.grad(gram.sum(), leaves, retain_graph=True)
+    for a, b in zip(first, torch.autograd.grad(gram.sum(), leaves)):
+        assert torch.equal(a, b)
+
+
 def test_ignored_targets_give_zero_ce_and_no_gradient():
     hs, ws, bs, ht, wt, bt, targets = _inputs()
     targets[:] = -100

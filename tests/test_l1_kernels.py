@@ -15,7 +15,7 @@ from emkd.matching import head_l1_cost, hungarian_match, l1_cost, l1_kernels
 
 # (Ns, Nt, F): tiles are 6 student x 4 teacher rows, so these cover full tiles, partial tiles on either side and both,
 # single rows and a feature count that is no multiple of any vector width.
-ODD_SHAPES = [(3, 5, 47), (1, 1, 1), (6, 4, 16), (7, 9, 33), (13, 5, 131), (144, 29, 7), (5, 3, 1)]
+ODD_SHAPES = [(3, 5, 47), (1, 1, 1), (6, 4, 16), (7, 9, 33), (13, 5, 131), (144, 29, 7), (5, 3, 1), (16, 64, 20), (11, 13, 3)]
 
 
 def naive_l1(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -10,9 +10,12 @@ exist at once:
   student head applied to ``hs`` and a teacher head applied to ``ht``, with an online log-sum-exp (running maximum
   and rescaled sums, one pass over the vocabulary; JSD needs a second pass because ``log m`` is not linear in the
   logits). The backward pass recomputes each chunk's logits and writes the gradients of the student rows, weight and
-  bias chunk by chunk (a custom :class:`torch.autograd.Function`); the teacher gets no gradient.
+  bias chunk by chunk (a custom :class:`torch.autograd.Function`); the teacher gets no gradient. When the whole
+  vocabulary is one chunk (``V <= chunk_size``, e.g. the demo's 452 words), the forward pass keeps that chunk's
+  logits for the backward pass instead of recomputing them: the same ``N x V <= N x chunk_size`` floats per head,
+  held from the forward pass to the backward pass, and the same values bit for bit.
 * :func:`fused_head_gram`: ``Z Z^T`` of the logits ``Z = h W^T + b`` (LLaVA-KD's RDist), with the same recomputing
-  backward.
+  backward (and the same one-chunk reuse).
 * :func:`emkd.matching.cost.head_l1_cost` (beside the other matching costs): the Manhattan distance between every
   student and every teacher row of logits (EM-KD's matching cost, Eq. 2), accumulated chunk by chunk.
 
@@ -106,9 +109,13 @@ class _FusedHeadDivergences(torch.autograd.Function):
         exp_s = torch.zeros(n, device=device)  # sum exp(x_s - max_s) (x_s - x_t), rescaled online
         target_logit = torch.zeros(n, device=device)
         valid = targets != IGNORE_INDEX if targets is not None else None
+        one_chunk = v <= chunk_size  # then the backward pass reuses this pass's raw logits (module docstring)
+        kept_zs = kept_zt = None
 
         for start, stop in vocab_chunks(v, chunk_size):
             zs = _chunk_logits(hs32, ws, bs, start, stop)  # (N, C)
+            if one_chunk:
+                kept_zs = zs.clone() if need_kl and temperature != 1.0 else zs  # scaled in place below when T != 1
             if need_raw:
                 raw.update(zs)
                 inside, col = _target_columns(targets, valid, start, stop)
@@ -116,6 +123,8 @@ class _FusedHeadDivergences(torch.autograd.Function):
             if need_kl:
                 xs = zs.mul_(inv_t) if temperature != 1.0 else zs  # (N, C), in place: raw logits are done with
                 xt = _chunk_logits(ht32, wt, bt, start, stop)  # (N, C)
+                if one_chunk:
+                    kept_zt = xt.clone() if temperature != 1.0 else xt
                 if temperature != 1.0:
                     xt.mul_(inv_t)
                 diff = xs - xt  # (N, C)
@@ -147,13 +156,13 @@ class _FusedHeadDivergences(torch.autograd.Function):
         ctx.kinds, ctx.temperature, ctx.jsd_beta, ctx.chunk_size = kinds, temperature, jsd_beta, chunk_size
         ctx.save_for_backward(
             hs, ws, bs, ht, wt, bt, targets, lse_raw, lse_s, lse_t,
-            out[:, kinds.index("reverse")].clone() if "reverse" in want else None, jsd_mean_g,
+            out[:, kinds.index("reverse")].clone() if "reverse" in want else None, jsd_mean_g, kept_zs, kept_zt,
         )
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        hs, ws, bs, ht, wt, bt, targets, lse_raw, lse_s, lse_t, rkl, jsd_mean_g = ctx.saved_tensors
+        hs, ws, bs, ht, wt, bt, targets, lse_raw, lse_s, lse_t, rkl, jsd_mean_g, kept_zs, kept_zt = ctx.saved_tensors
         kinds, temperature, chunk_size = ctx.kinds, ctx.temperature, ctx.chunk_size
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         if not (need_h or need_w or need_b):
@@ -175,7 +184,8 @@ class _FusedHeadDivergences(torch.autograd.Function):
 
         v = ws.shape[0]
         for start, stop in vocab_chunks(v, chunk_size):
-            zs = _chunk_logits(hs32, ws, bs, start, stop)  # (N, C)
+            # the forward pass's logits when it kept them (one chunk; read, never written), else recomputed
+            zs = kept_zs if kept_zs is not None else _chunk_logits(hs32, ws, bs, start, stop)  # (N, C)
             g = torch.zeros_like(zs)  # d loss / d z_s, (N, C)
             if "ce" in weight:
                 g.add_((zs - lse_raw[:, None]).exp_().mul_(g_ce[:, None]))
@@ -183,9 +193,11 @@ class _FusedHeadDivergences(torch.autograd.Function):
                 # -g_ce at the target's column of the rows whose target is in this chunk, -0 (no change) elsewhere
                 g.scatter_add_(1, col, torch.where(inside, g_ce, 0.0).neg_()[:, None])
             if need_kl:
-                log_ps = zs.mul_(inv_t).sub_(lse_s[:, None])  # (N, C), in place of the raw logits
+                # (N, C), in place of recomputed raw logits, into a new buffer when they are the forward pass's
+                log_ps = (zs.mul_(inv_t) if kept_zs is None else zs * inv_t).sub_(lse_s[:, None])
                 ps = log_ps.exp()
-                log_pt = _chunk_logits(ht32, wt, bt, start, stop).mul_(inv_t).sub_(lse_t[:, None])  # (N, C)
+                zt = kept_zt if kept_zt is not None else _chunk_logits(ht32, wt, bt, start, stop)  # (N, C)
+                log_pt = (zt.mul_(inv_t) if kept_zt is None else zt * inv_t).sub_(lse_t[:, None])  # (N, C)
                 if "forward" in weight:
                     g.add_((ps - log_pt.exp()).mul_((weight["forward"] * inv_t)[:, None]))
                 if "reverse" in weight:
@@ -291,16 +303,18 @@ class _FusedHeadGram(torch.autograd.Function):
     def forward(ctx, h, w, b, chunk_size):
         h32 = h.float()
         gram = h32.new_zeros(*h.shape[:-1], h.shape[-2])  # ([G,] M, M)
+        z = None
         for start, stop in vocab_chunks(w.shape[0], chunk_size):
             z = _chunk_logits(h32, w, b, start, stop)  # ([G,] M, C)
             gram += z @ z.transpose(-1, -2)
         ctx.chunk_size = chunk_size
-        ctx.save_for_backward(h, w, b)
+        # one chunk: the backward pass reuses its logits (module docstring)
+        ctx.save_for_backward(h, w, b, z if w.shape[0] <= chunk_size else None)
         return gram
 
     @staticmethod
     def backward(ctx, grad_gram):
-        h, w, b = ctx.saved_tensors
+        h, w, b, kept_z = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         h32 = h.float()
         sym = grad_gram.float() + grad_gram.float().transpose(-1, -2)  # d gram / d Z = (G + G^T) Z
@@ -309,7 +323,8 @@ class _FusedHeadGram(torch.autograd.Function):
         grad_w = torch.empty(w.shape, dtype=torch.float32, device=w.device) if need_w else None
         grad_b = torch.empty(b.shape, dtype=torch.float32, device=b.device) if need_b else None
         for start, stop in vocab_chunks(w.shape[0], ctx.chunk_size):
-            g = sym @ _chunk_logits(h32, w, b, start, stop)  # ([G,] M, C)
+            z = kept_z if kept_z is not None else _chunk_logits(h32, w, b, start, stop)  # ([G,] M, C)
+            g = sym @ z  # ([G,] M, C)
             if need_h:
                 grad_h += g @ w[start:stop].float()
             flat_g = g.reshape(-1, stop - start)  # (G M, C)

@@ -46,34 +46,44 @@ def l1_accumulate(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> None:
         out: ``[G, Ns, Nt]`` float32, C-contiguous; each entry gets one sum over this call's ``F`` features added.
 
     The ``G x ceil(Ns / TILE_ROWS)`` row blocks are shared among numba's threads; each walks every teacher tile.
+    A block cut short by the end of ``Ns`` (or a tile by the end of ``Nt``) is computed as the full block that ends
+    there, overlapping the one before, and adds only the rows (columns) it owns: every entry is summed by the
+    unrolled full-tile loop whenever ``Ns >= TILE_ROWS`` and ``Nt >= TILE_COLS`` (the demo's 16 student rows would
+    otherwise leave a quarter of the work to the slow loop).
     """
     groups, ns, nf = a.shape
     nt = b.shape[1]
     row_blocks = (ns + TILE_ROWS - 1) // TILE_ROWS
+    full = ns >= TILE_ROWS and nt >= TILE_COLS
     for task in numba.prange(groups * row_blocks):
         g = task // row_blocks
-        i0 = (task % row_blocks) * TILE_ROWS
-        rows = min(TILE_ROWS, ns - i0)
+        i_own = (task % row_blocks) * TILE_ROWS  # the first row this block adds to out
         acc = np.zeros((TILE_ROWS, TILE_COLS), np.float32)  # (TILE_ROWS, TILE_COLS) running sums
-        for j0 in range(0, nt, TILE_COLS):
-            cols = min(TILE_COLS, nt - j0)
+        for j_own in range(0, nt, TILE_COLS):
             acc[:] = 0.0
-            if rows == TILE_ROWS and cols == TILE_COLS:
+            if full:
+                i0 = min(i_own, ns - TILE_ROWS)  # a full block, shifted back at the end of the rows
+                j0 = min(j_own, nt - TILE_COLS)
                 # Constant trip counts: LLVM unrolls r and q and keeps acc in registers.
                 for f in range(nf):
                     for r in range(TILE_ROWS):
                         x = a[g, i0 + r, f]
                         for q in range(TILE_COLS):
                             acc[r, q] += abs(x - b[g, j0 + q, f])
-            else:  # the last row block or teacher tile, when Ns or Nt is not a multiple of the tile
+                for r in range(i_own - i0, TILE_ROWS):  # rows (columns) before i_own (j_own) belong to a neighbour
+                    for q in range(j_own - j0, TILE_COLS):
+                        out[g, i0 + r, j0 + q] += acc[r, q]
+            else:  # fewer rows than a tile on either side
+                rows = min(TILE_ROWS, ns - i_own)
+                cols = min(TILE_COLS, nt - j_own)
                 for f in range(nf):
                     for r in range(rows):
-                        x = a[g, i0 + r, f]
+                        x = a[g, i_own + r, f]
                         for q in range(cols):
-                            acc[r, q] += abs(x - b[g, j0 + q, f])
-            for r in range(rows):
-                for q in range(cols):
-                    out[g, i0 + r, j0 + q] += acc[r, q]
+                            acc[r, q] += abs(x - b[g, j_own + q, f])
+                for r in range(rows):
+                    for q in range(cols):
+                        out[g, i_own + r, j_own + q] += acc[r, q]
 
 
 PROBE_CENTRES = 12  # independent running sums in the probe: enough to hide the add's latency
