@@ -22,6 +22,7 @@ from emkd.cache import (
     load_cached_teacher,
     storage_summary,
 )
+from emkd.cache.adapter import teacher_inputs
 from emkd.cli import main
 from emkd.data import PairCollator, PairDataset
 from emkd.models import EfficientMLLMAdapter, load_student, load_teacher
@@ -212,6 +213,20 @@ def test_a_cache_of_other_data_is_refused(ws, models):
         cached.cache.check_teacher(ws["student"])
     with pytest.raises(ValueError, match="no 'index'"):
         cached(PairCollator(side, cached.side)([swapped[1]])["teacher"])
+
+
+def test_cached_vision_positions_must_be_the_image_tokens(ws, models):
+    """The image-token positions are checked once for the batch; a sample whose cached vision positions are not its
+    image tokens is refused by name (here: the token id looked for is the response's first token, not the image's)."""
+    cached = load_cached_teacher(ws["cache"])
+    order = [2, 0, 3]
+    batch = _batch(models, order)
+    side = batch["teacher"]
+    inputs = teacher_inputs(cached.cache, side, cached.model.weight, cached.model.bias, cached.side.image_token_id)
+    assert torch.equal(inputs.vision_mask, (side["input_ids"] == cached.side.image_token_id) & side["attention_mask"].bool())
+    other_id = int(side["input_ids"][1][side["labels"][1] != -100][0])  # a text token of batch row 1 (sample 0)
+    with pytest.raises(ValueError, match=rf"sample {order[0]} \(batch row 0\) has \d+ cached vision positions"):
+        teacher_inputs(cached.cache, side, cached.model.weight, cached.model.bias, other_id)
 
 
 def test_adapters_say_what_they_need_from_the_data(ws, models):

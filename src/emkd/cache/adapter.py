@@ -94,15 +94,18 @@ def teacher_inputs(
     B, L = attention.shape
     hidden = torch.zeros(B, L, cache.hidden_size, dtype=cache.dtype, device=device)  # (B, L, D)
     vision_mask = torch.zeros(B, L, dtype=torch.bool, device=device)  # (B, L)
-    states, vision = [], []
-    for b, i in enumerate(samples):
-        cached = cache.sample(i)
-        _check_sample(cache, i, b, cached, input_ids[b][attention[b]], input_ids, image_token_id)
-        states.append(cached["hidden"])
-        vision.append(cached["vision"])
+    real_ids = input_ids[attention]  # (sum n,) every sample's real token ids, one after the other
+    ids = real_ids.split(attention.sum(1).tolist())  # B x (n,)
+    cached = [cache.sample(i) for i in samples]
+    for b, i in enumerate(samples):  # counts and ids; the image-token positions once for the batch, below
+        _check_sample(cache, i, b, cached[b], ids[b], input_ids, None)
     # the real positions in row-major order are the samples' cached positions one after the other
-    hidden[attention] = torch.cat(states).to(device)
-    vision_mask[attention] = torch.cat(vision).to(device)
+    vision = torch.cat([c["vision"] for c in cached]).to(device)  # (sum n,)
+    if image_token_id is not None and not torch.equal(vision, real_ids == image_token_id):
+        for b, i in enumerate(samples):  # the first sample that differs raises, naming itself
+            _check_sample(cache, i, b, cached[b], ids[b], input_ids, image_token_id)
+    hidden[attention] = torch.cat([c["hidden"] for c in cached]).to(device)
+    vision_mask[attention] = vision
     instruction = side.get("instruction_mask")
     return DistillInputs(
         hidden=hidden,
