@@ -22,8 +22,11 @@ from reference import ref_emkd, ref_iva, ref_kd, ref_llava_kd
 RTOL, ATOL = 1e-5, 1e-6  # float32 implementation against a float64 reference
 
 # Both implementations of every loss: the fused one with a chunk far smaller than the vocabulary (37-41 here), so the
-# online log-sum-exp really crosses chunk boundaries, including a last chunk shorter than the others.
-IMPLEMENTATIONS = {"fused": dict(implementation="fused", chunk_size=8), "naive": dict(implementation="naive")}
+# online log-sum-exp really crosses chunk boundaries, including a last chunk shorter than the others; and with the
+# default chunk (1024 rows on the CPU), where the vocabulary is one chunk: the backward pass reuses the forward pass's
+# logits, and EM-KD and LLaVA-KD read their matched vision rows' logits from the matching (`given`).
+IMPLEMENTATIONS = {"fused": dict(implementation="fused", chunk_size=8), "fused-one-chunk": dict(implementation="fused"),
+                   "naive": dict(implementation="naive")}
 
 
 @pytest.fixture(params=list(IMPLEMENTATIONS))

@@ -158,7 +158,8 @@ class EMKDLoss(torch.nn.Module):
         anchor = student.hidden
 
         # Matching and VLAD, per sample.
-        paired = pair_batch(student, teacher, self.matching, self.implementation, self.chunk_size, self.assignment)
+        paired = pair_batch(student, teacher, self.matching, self.implementation, self.chunk_size, self.assignment,
+                            keep_logits=self.implementation == "fused" and self.vsd_target == "logits")
         matches = pair_indices(paired, anchor.device)
         pairs_by_sample = [pairs for pairs in paired if pairs is not None]
         vlad_inputs = []
@@ -204,7 +205,7 @@ class EMKDLoss(torch.nn.Module):
         vision = pairs_by_sample if self.vsd_target == "logits" else []
         response, vision_rows = response_and_row_divergences(
             student, teacher, [p.student_hidden for p in vision], [p.teacher_hidden for p in vision], "reverse",
-            self.temperature, self.chunk_size,
+            self.temperature, self.chunk_size, [p.logit_values for p in vision],
         )
         sup = sum_or_zero(response["ce"], anchor)
         rld = sum_or_zero(response["reverse"], anchor)

@@ -13,7 +13,9 @@ exist at once:
   bias chunk by chunk (a custom :class:`torch.autograd.Function`); the teacher gets no gradient. When the whole
   vocabulary is one chunk (``V <= chunk_size``, e.g. the demo's 452 words), the forward pass keeps that chunk's
   logits for the backward pass instead of recomputing them: the same ``N x V <= N x chunk_size`` floats per head,
-  held from the forward pass to the backward pass, and the same values bit for bit.
+  held from the forward pass to the backward pass, and the same values bit for bit. In that case a caller that
+  already holds the logits of some rows (EM-KD's matching computed those of the matched vision rows) can pass them
+  as ``given``, and only the other rows' logits are computed.
 * :func:`fused_head_gram`: ``Z Z^T`` of the logits ``Z = h W^T + b`` (LLaVA-KD's RDist), with the same recomputing
   backward (and the same one-chunk reuse).
 * :func:`emkd.matching.cost.head_l1_cost` (beside the other matching costs): the Manhattan distance between every
@@ -92,7 +94,7 @@ def _target_columns(
 
 class _FusedHeadDivergences(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hs, ws, bs, ht, wt, bt, targets, kinds, temperature, jsd_beta, chunk_size):
+    def forward(ctx, hs, ws, bs, ht, wt, bt, targets, kinds, temperature, jsd_beta, chunk_size, given_s, given_t):
         n, v = hs.shape[0], ws.shape[0]
         device = hs.device
         hs32 = hs.float()
@@ -113,7 +115,7 @@ class _FusedHeadDivergences(torch.autograd.Function):
         kept_zs = kept_zt = None
 
         for start, stop in vocab_chunks(v, chunk_size):
-            zs = _chunk_logits(hs32, ws, bs, start, stop)  # (N, C)
+            zs = _given_or_computed(hs32, ws, bs, start, stop, given_s)  # (N, C)
             if one_chunk:
                 kept_zs = zs.clone() if need_kl and temperature != 1.0 else zs  # scaled in place below when T != 1
             if need_raw:
@@ -122,7 +124,7 @@ class _FusedHeadDivergences(torch.autograd.Function):
                 target_logit = torch.where(inside, zs.gather(1, col).squeeze(1), target_logit)  # (N,)
             if need_kl:
                 xs = zs.mul_(inv_t) if temperature != 1.0 else zs  # (N, C), in place: raw logits are done with
-                xt = _chunk_logits(ht32, wt, bt, start, stop)  # (N, C)
+                xt = _given_or_computed(ht32, wt, bt, start, stop, given_t)  # (N, C)
                 if one_chunk:
                     kept_zt = xt.clone() if temperature != 1.0 else xt
                 if temperature != 1.0:
@@ -166,7 +168,7 @@ class _FusedHeadDivergences(torch.autograd.Function):
         kinds, temperature, chunk_size = ctx.kinds, ctx.temperature, ctx.chunk_size
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         if not (need_h or need_w or need_b):
-            return (None,) * 11
+            return (None,) * 13
         inv_t = 1.0 / temperature
         hs32 = hs.float()
         ht32 = ht.float() if ht is not None else None
@@ -221,8 +223,17 @@ class _FusedHeadDivergences(torch.autograd.Function):
             grad_h.to(hs.dtype) if need_h else None,
             grad_w.to(ws.dtype) if need_w else None,
             grad_b.to(bs.dtype) if need_b else None,
-            None, None, None, None, None, None, None, None,
+            None, None, None, None, None, None, None, None, None, None,
         )
+
+
+def _given_or_computed(h32, w, b, start, stop, given):
+    """The float32 logits ``[N, C]`` of chunk ``start:stop``; with ``given`` ``[K, V]`` (one chunk only), the last
+    ``K`` rows are ``given`` and only the first ``N - K`` are computed."""
+    if given is None:
+        return _chunk_logits(h32, w, b, start, stop)
+    computed = _chunk_logits(h32[: h32.shape[0] - given.shape[0]], w, b, start, stop)  # (N - K, C)
+    return torch.cat([computed, given.float()])
 
 
 def _jsd_pass(hs32, ws, bs, ht32, wt, bt, lse_s, lse_t, inv_t, beta, chunk_size):
@@ -255,6 +266,7 @@ def fused_head_divergences(
     targets: torch.Tensor | None = None,
     jsd_beta: float = 0.5,
     chunk_size: int | None = None,
+    given: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Per-row divergences between ``softmax(hs W_s^T + b_s)`` and ``softmax(ht W_t^T + b_t)``, never holding more
     than ``N x chunk_size`` logits.
@@ -267,6 +279,10 @@ def fused_head_divergences(
             ``reverse`` ``KL(p_s || p_t)``, ``jsd`` (mixture ``m = jsd_beta p_t + (1 - jsd_beta) p_s``).
         temperature: ``p = softmax(z / T)`` for the divergences (not for ``ce``); no ``T**2`` factor.
         chunk_size: vocabulary rows per chunk; ``None``: :func:`emkd.chunking.default_chunk_size` of ``hs``'s device.
+        given: ``(z_s [K, V], z_t [K, V])``, the logits of the last ``K`` rows of ``hs`` and ``ht`` (without
+            gradient; they must be those rows' logits), used instead of computing them. Only when the vocabulary is
+            one chunk (``V <= chunk_size``); ignored otherwise. Gradients still reach ``hs``, ``ws`` and ``bs``
+            for every row.
 
     Returns:
         ``[N, len(kinds)]`` float32, column ``k`` the per-row value of ``kinds[k]``, no reduction.
@@ -294,8 +310,17 @@ def fused_head_divergences(
     chunk_size = resolve_chunk_size(chunk_size, hs.device)
     if hs.shape[0] == 0:
         return hs.new_zeros(0, len(kinds), dtype=torch.float32) + 0.0 * hs.sum()
+    given_s = given_t = None
+    if given is not None and ws.shape[0] <= chunk_size:
+        given_s, given_t = (z.detach() for z in given)
+        k = given_s.shape[0]
+        if given_s.shape != (k, ws.shape[0]) or given_t.shape != (k, ws.shape[0]) or k > hs.shape[0]:
+            raise ValueError(f"fused_head_divergences: given logits {tuple(given_s.shape)} / {tuple(given_t.shape)} "
+                             f"must be [K <= N={hs.shape[0]}, V={ws.shape[0]}] each")
+        if ht is None:  # "ce" alone reads no teacher logits
+            given_t = None
     return _FusedHeadDivergences.apply(hs, ws, bs, ht, wt, bt, targets, tuple(kinds), float(temperature),
-                                       float(jsd_beta), chunk_size)
+                                       float(jsd_beta), chunk_size, given_s, given_t)
 
 
 class _FusedHeadGram(torch.autograd.Function):

@@ -52,13 +52,15 @@ def head_divergences(
     jsd_beta: float = 0.5,
     implementation: str = "fused",
     chunk_size: int | None = None,
+    given: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Per-row ``kinds`` between ``student``'s head on rows ``hs`` ``[N, Ds]`` and ``teacher``'s head on the paired
     rows ``ht`` ``[N, Dt]`` (no gradient to the teacher) -> ``{kind: [N] float32}``.
 
     ``ce`` takes ``targets`` ``[N]`` (``-100`` gives 0) and ignores the temperature; the divergences use
     ``softmax(z / temperature)`` as in :mod:`emkd.losses.divergence`. ``chunk_size`` (fused only): vocabulary rows per
-    chunk, ``None`` for :func:`emkd.chunking.default_chunk_size` of the rows' device.
+    chunk, ``None`` for :func:`emkd.chunking.default_chunk_size` of the rows' device; ``given`` (fused only): the
+    logits of the last rows, :func:`~emkd.losses.fused.fused_head_divergences`'s.
     """
     check_implementation(implementation)
     if implementation == "naive":
@@ -72,7 +74,7 @@ def head_divergences(
         hs, student.head_weight, student.head_bias,
         None if teacher is None else ht, None if teacher is None else teacher.head_weight,
         None if teacher is None else teacher.head_bias,
-        tuple(kinds), temperature, targets, jsd_beta, chunk_size,
+        tuple(kinds), temperature, targets, jsd_beta, chunk_size, given,
     )  # (N, K)
     return {kind: values[:, k] for k, kind in enumerate(kinds)}
 
@@ -85,6 +87,7 @@ def response_and_row_divergences(
     divergence: str,
     temperature: float = 1.0,
     chunk_size: int | None = None,
+    rows_logits: list[tuple[torch.Tensor, torch.Tensor] | None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One fused pass over both heads for the response positions and any further paired rows (vision pairs, TPA
     candidates): the rows are stacked after the response rows, so the student head is read once.
@@ -92,6 +95,9 @@ def response_and_row_divergences(
     Args:
         rows_s, rows_t: paired ``[M_i, Ds]`` / ``[M_i, Dt]`` row blocks (may be empty lists).
         divergence: ``forward`` | ``reverse`` | ``jsd``, applied to every row.
+        rows_logits: per block, its rows' logits ``([M_i, V], [M_i, V])`` without gradient when already computed
+            (:attr:`emkd.matching.VisionPairs.logit_values`); when every block has them and the vocabulary is one
+            chunk, the pass computes only the response rows' logits.
 
     Returns:
         ``({"ce": [R], divergence: [R]}, [sum M_i])``: the response rows' values and the further rows' divergence.
@@ -100,9 +106,13 @@ def response_and_row_divergences(
     num_responses = int(targets.numel())
     extra = sum(int(r.shape[0]) for r in rows_s)
     ignore = torch.full((extra,), IGNORE_INDEX, dtype=torch.long, device=targets.device)
+    given = None
+    if rows_logits and all(z is not None for z in rows_logits):
+        given = (torch.cat([zs for zs, _ in rows_logits]), torch.cat([zt for _, zt in rows_logits]))  # (sum M_i, V)
     values = head_divergences(
         student, torch.cat([student.response_hidden(), *rows_s]), teacher, torch.cat([teacher.response_hidden(), *rows_t]),
         ("ce", divergence), temperature, torch.cat([targets, ignore]), implementation="fused", chunk_size=chunk_size,
+        given=given,
     )
     response = {kind: v[:num_responses] for kind, v in values.items()}
     return response, values[divergence][num_responses:]

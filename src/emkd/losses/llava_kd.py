@@ -120,7 +120,8 @@ class LlavaKDLoss(torch.nn.Module):
         student, teacher = check_pair(student, teacher, self.vocab)
         anchor = student.hidden
 
-        paired = pair_batch(student, teacher, self.matching, self.implementation, self.chunk_size, self.assignment)
+        paired = pair_batch(student, teacher, self.matching, self.implementation, self.chunk_size, self.assignment,
+                            keep_logits=self.implementation == "fused")
         matches = pair_indices(paired, anchor.device)
         pairs_by_sample = [pairs for pairs in paired if pairs is not None]
 
@@ -158,7 +159,7 @@ class LlavaKDLoss(torch.nn.Module):
         anchor = student.hidden
         response, vision_rows = response_and_row_divergences(
             student, teacher, [p.student_hidden for p in pairs_by_sample], [p.teacher_hidden for p in pairs_by_sample],
-            "forward", self.temperature, self.chunk_size,
+            "forward", self.temperature, self.chunk_size, [p.logit_values for p in pairs_by_sample],
         )
         ce = sum_or_zero(response["ce"], anchor)
         res = sum_or_zero(response["forward"], anchor)

@@ -57,7 +57,8 @@ def head_l1_cost(
     chunk_size: int | None = None,
     backend: str = "auto",
     matching_dtype: str = "float32",
-) -> torch.Tensor:
+    keep_logits: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """Manhattan distance between the logits of every student row and every teacher row (EM-KD Eq. 2).
 
     Args:
@@ -69,10 +70,13 @@ def head_l1_cost(
             are ``h.bfloat16() @ W.bfloat16().T`` (bfloat16 products, rounded to bfloat16), plus the bias, then summed
             in float32. Faster on CPUs with bfloat16 matrix units; the costs move by about 1e-3 relative, which can
             swap near-tied matches (docs/performance.md section 5).
+        keep_logits: also return the logits the cost was summed from, ``(z_s [[G,] Ns, V], z_t [[G,] Nt, V])``
+            float32 without gradient, when the whole vocabulary was one chunk (``V <= chunk_size``: they existed at
+            once anyway) and the matching dtype is float32; ``None`` in their place otherwise.
 
     Returns:
         ``[Ns, Nt]`` (or ``[G, Ns, Nt]``) float32, ``C[i, j] = sum_v |z_s[i, v] - z_t[j, v]|``, without gradient;
-        no more than ``G (Ns + Nt) x chunk_size`` logits exist at once.
+        no more than ``G (Ns + Nt) x chunk_size`` logits exist at once. With ``keep_logits``: ``(cost, logits)``.
     """
     if ws.shape[0] != wt.shape[0]:
         raise ValueError(f"head_l1_cost: vocabulary sizes differ, student V={ws.shape[0]}, teacher V={wt.shape[0]}")
@@ -90,11 +94,15 @@ def head_l1_cost(
     bs = None if bs is None else bs.detach()
     bt = None if bt is None else bt.detach()
     cost = torch.zeros(*hs.shape[:-1], ht.shape[-2], device=hs.device)  # ([G,] Ns, Nt) float32
+    zs = zt = None
     for start, stop in vocab_chunks(ws.shape[0], chunk_size):
         zs = _matching_logits(hs_m, ws, bs, start, stop)  # ([G,] Ns, C) float32
         zt = _matching_logits(ht_m, wt, bt, start, stop)  # ([G,] Nt, C) float32
         l1_accumulate(zs, zt, cost, backend)
-    return cost
+    if not keep_logits:
+        return cost
+    whole = ws.shape[0] <= chunk_size and matching_dtype == "float32" and zs is not None
+    return cost, ((zs, zt) if whole else None)
 
 
 def _matching_logits(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, start: int, stop: int) -> torch.Tensor:

@@ -51,7 +51,10 @@ class VisionPairs:
 
     ``student_hidden`` ``[M, Ds]`` (with gradient) and ``teacher_hidden`` ``[M, Dt]``; ``student_logits`` /
     ``teacher_logits`` ``[M, V]`` when matching already computed them (else ``None``); ``idx_s`` / ``idx_t`` ``[M]``
-    the matched token indices (for ``avgpool``, indices into the pooled sequences).
+    the matched token indices (for ``avgpool``, indices into the pooled sequences). ``logit_values``: the fused
+    matching's float32 logits of both sides' matched rows, ``([M, V], [M, V])`` without gradient, when
+    :func:`pair_batch` was asked to keep them and the vocabulary was one chunk (else ``None``); the fused losses
+    read them instead of computing the same products again.
     """
 
     student_hidden: torch.Tensor
@@ -60,6 +63,7 @@ class VisionPairs:
     idx_t: torch.Tensor
     student_logits: torch.Tensor | None = None
     teacher_logits: torch.Tensor | None = None
+    logit_values: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def size(self) -> int:
@@ -169,6 +173,7 @@ def pair_batch(
     implementation: str = "fused",
     chunk_size: int | None = None,
     assignment: str = "auto",
+    keep_logits: bool = False,
 ) -> list[VisionPairs | None]:
     """:func:`pair_vision_tokens` for every sample (``matching`` one name, or one per sample; ``auto`` is resolved
     per sample by :func:`resolve_matching`).
@@ -177,7 +182,8 @@ def pair_batch(
     computed together: one chunked pass over the heads and one batched L1 cost per group instead of one per sample
     (the same numbers; what a batch of fixed-resolution images needs), and each group's assignments are solved by
     one :func:`~emkd.matching.hungarian.hungarian_match_batch` call (one padded batch for ``assignment="auction"``).
-    The matched rows of all those samples are then gathered by one indexing per side.
+    The matched rows of all those samples are then gathered by one indexing per side; with ``keep_logits``, so
+    are their logits when the whole vocabulary was one chunk of the cost (:attr:`VisionPairs.logit_values`).
     """
     check_implementation(implementation)
     check_assignment(assignment)
@@ -197,22 +203,41 @@ def pair_batch(
     rows_s, offsets_s = student.token_rows("vision")
     rows_t, offsets_t = teacher.token_rows("vision")
     solved: list[tuple[int, torch.Tensor, torch.Tensor]] = []  # (sample, idx_s, idx_t) of every grouped sample
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # per sample of `solved`: its matched rows' logits
     with torch.no_grad():
         for (ns, nt), members in groups.items():
             vs = _group_rows(rows_s, offsets_s, members, ns)  # (G, Ns, Ds)
             vt = _group_rows(rows_t, offsets_t, members, nt)  # (G, Nt, Dt)
-            costs = head_l1_cost(vs, student.head_weight, student.head_bias, vt, teacher.head_weight,
-                                 teacher.head_bias, chunk_size)  # (G, Ns, Nt)
-            solved += [(b, *idx) for b, idx in zip(members, hungarian_match_batch(list(costs), assignment))]
+            costs, logits = head_l1_cost(vs, student.head_weight, student.head_bias, vt, teacher.head_weight,
+                                         teacher.head_bias, chunk_size, keep_logits=True)  # (G, Ns, Nt)
+            found = hungarian_match_batch(list(costs), assignment)
+            solved += [(b, *idx) for b, idx in zip(members, found)]
+            if keep_logits and logits is not None:
+                kept += _matched_logits(*logits, found)
+    keep = keep_logits and len(kept) == len(solved)
     # one indexing per side for every grouped sample's matched rows: one node in the backward pass, not one per sample
     device = rows_s.device
     at_s = torch.cat([idx_s + offsets_s[b] for b, idx_s, _ in solved]).to(device)
     at_t = torch.cat([idx_t + offsets_t[b] for b, _, idx_t in solved]).to(device)
     sizes = [int(idx_s.numel()) for _, idx_s, _ in solved]
     matched = zip(rows_s.index_select(0, at_s).split(sizes), rows_t.detach().index_select(0, at_t).split(sizes))
-    for (b, idx_s, idx_t), (hs, ht) in zip(solved, matched):
-        out[b] = VisionPairs(hs, ht, idx_s, idx_t)
+    for k, ((b, idx_s, idx_t), (hs, ht)) in enumerate(zip(solved, matched)):
+        out[b] = VisionPairs(hs, ht, idx_s, idx_t, logit_values=kept[k] if keep else None)
     return out
+
+
+def _matched_logits(
+    zs: torch.Tensor, zt: torch.Tensor, found: list[tuple[torch.Tensor, torch.Tensor]]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each sample's matched rows of a group's logits ``zs`` ``[G, Ns, V]`` / ``zt`` ``[G, Nt, V]``, by one
+    indexing per side: ``G`` pairs ``([M_g, V], [M_g, V])``."""
+    g, ns, v = zs.shape
+    nt = zt.shape[1]
+    at_s = torch.cat([idx_s.to(zs.device) + k * ns for k, (idx_s, _) in enumerate(found)])
+    at_t = torch.cat([idx_t.to(zt.device) + k * nt for k, (_, idx_t) in enumerate(found)])
+    sizes = [int(idx_s.numel()) for idx_s, _ in found]
+    return list(zip(zs.reshape(g * ns, v).index_select(0, at_s).split(sizes),
+                    zt.reshape(g * nt, v).index_select(0, at_t).split(sizes)))
 
 
 def _group_rows(rows: torch.Tensor, offsets: list[int], members: list[int], n: int) -> torch.Tensor:
