@@ -117,7 +117,7 @@ class _FusedHeadDivergences(torch.autograd.Function):
         for start, stop in vocab_chunks(v, chunk_size):
             zs = _given_or_computed(hs32, ws, bs, start, stop, given_s)  # (N, C)
             if one_chunk:
-                kept_zs = zs.clone() if need_kl and temperature != 1.0 else zs  # scaled in place below when T != 1
+                kept_zs = _kept(zs, need_kl and temperature != 1.0)  # scaled in place below when T != 1
             if need_raw:
                 raw.update(zs)
                 inside, col = _target_columns(targets, valid, start, stop)
@@ -126,7 +126,7 @@ class _FusedHeadDivergences(torch.autograd.Function):
                 xs = zs.mul_(inv_t) if temperature != 1.0 else zs  # (N, C), in place: raw logits are done with
                 xt = _given_or_computed(ht32, wt, bt, start, stop, given_t)  # (N, C)
                 if one_chunk:
-                    kept_zt = xt.clone() if temperature != 1.0 else xt
+                    kept_zt = _kept(xt, temperature != 1.0)
                 if temperature != 1.0:
                     xt.mul_(inv_t)
                 diff = xs - xt  # (N, C)
@@ -225,6 +225,15 @@ class _FusedHeadDivergences(torch.autograd.Function):
             grad_b.to(bs.dtype) if need_b else None,
             None, None, None, None, None, None, None, None, None, None,
         )
+
+
+def _kept(z: torch.Tensor, written_later: bool) -> torch.Tensor:
+    """Chunk logits ``z`` as the backward pass reads them: float32 (under ``torch.autocast`` the product comes out in
+    autocast's dtype, and the backward pass, which runs outside it, computes in float32), and a copy when the
+    forward pass is about to write into ``z``."""
+    if z.dtype != torch.float32:
+        return z.float()
+    return z.clone() if written_later else z
 
 
 def _given_or_computed(h32, w, b, start, stop, given):
@@ -334,7 +343,7 @@ class _FusedHeadGram(torch.autograd.Function):
             gram += z @ z.transpose(-1, -2)
         ctx.chunk_size = chunk_size
         # one chunk: the backward pass reuses its logits (module docstring)
-        ctx.save_for_backward(h, w, b, z if w.shape[0] <= chunk_size else None)
+        ctx.save_for_backward(h, w, b, _kept(z, False) if w.shape[0] <= chunk_size else None)
         return gram
 
     @staticmethod
