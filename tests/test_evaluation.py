@@ -5,6 +5,7 @@ training rendering up to the answer, batched = unbatched, known answers score 1 
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import math
 import shutil
@@ -508,3 +509,29 @@ def test_models_are_named_by_their_run(ws, tmp_path, capsys):
     assert capsys.readouterr().out.splitlines()[2].split()[0] == "my_run"
     assert run_eval(parser.parse_args([str(run / "final"), *common, "--name", "student-A"])) == 0
     assert capsys.readouterr().out.splitlines()[2].split()[0] == "student-A"
+
+
+def test_run_eval_warns_about_a_category_answered_with_a_constant(monkeypatch, capsys):
+    """A model that gives every record of a category the same answer (a stalled run) gets one warning line per such
+    category; a category whose references are all one answer does not."""
+    module = sys.modules["emkd.evaluation.evaluate"]  # the package re-exports a function under the module's name
+
+    def predictions(category, answers, predicted):
+        return [Prediction(id=str(i), category=category, question="q", answer=a, prediction=p, correct=a == p)
+                for i, (a, p) in enumerate(zip(answers, predicted))]
+
+    digits = [str(i % 10) for i in range(20)]
+    preds = predictions("ocr", digits, ["8"] * 20) + predictions("general", ["yes"] * 20, ["yes"] * 20)
+    result = EvalResult(
+        model="m", data="d.json", num_samples=40, accuracy={"ocr": 0.1, "general": 1.0}, counts={"ocr": 20, "general": 20},
+        correct={"ocr": 2, "general": 20}, average=0.55, micro_accuracy=0.55, vision_tokens_per_image=16.0,
+        ttft_ms=None, ttft_samples_ms=[], ttft_threads=1, ttft_warmup=0, ttft_sample_id=None, ttft_method="prefill",
+        max_new_tokens=8, batch_size=1, predictions=preds,
+    )
+    monkeypatch.setattr(module, "evaluate", lambda *args, **kwargs: result)
+    parser = argparse.ArgumentParser()
+    add_eval_arguments(parser)
+    assert run_eval(parser.parse_args(["model", "data.json", "--no-progress"])) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["emkd eval: warning: every ocr record was answered '8': the model answers this category with a "
+                   "constant (its prior), not from the input"]

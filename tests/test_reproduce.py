@@ -36,7 +36,7 @@ from emkd.demo.reproduce import (
     t_quantile,
 )
 from emkd.errors import UserError
-from emkd.evaluation import EvalResult
+from emkd.evaluation import EvalResult, Prediction
 
 CI_CELL = re.compile(r"^[+−]\d+\.\d \[[+−]\d+\.\d, [+−]\d+\.\d\]$")  # +1.2 [−0.3, +2.7]
 MEAN_STD_CELL = re.compile(r"^\d+\.\d ± \d+\.\d$")
@@ -167,6 +167,35 @@ def _rows(text: str, name: str) -> list[list[str]]:
             if line.startswith(f"| {name} |")]
 
 
+def _predictions(category: str, answers: list[str], predicted: list[str]) -> list[Prediction]:
+    return [Prediction(id=str(i), category=category, question="q", answer=a, prediction=p, correct=a == p)
+            for i, (a, p) in enumerate(zip(answers, predicted))]
+
+
+def test_constant_answers_names_families_answered_with_one_answer():
+    result = _result({"chart": 0.1, "general": 1.0, "grid": 0.5})
+    digits = [str(i % 10) for i in range(30)]
+    result.predictions = (_predictions("chart", digits, ["1"] * 30)  # one answer to 10 different ones: a collapse
+                          + _predictions("general", ["yes"] * 30, ["yes"] * 30)  # one reference answer: fine
+                          + _predictions("grid", digits, digits))  # learned
+    assert result.constant_answers() == {"chart": "1"}
+    assert result.constant_answers(min_records=31) == {}  # too few records to tell
+    assert EvalResult.from_dict(result.to_dict()).constant_answers() == {"chart": "1"}
+
+
+def test_results_markdown_names_the_runs_that_answer_with_a_constant():
+    rep = _synthetic()
+    text = results_markdown(rep)
+    runs = 3 * (len(rep.scores) + 2)  # every Table 2 / 3 variant, and the 4-token budget's SFT and EM-KD
+    assert f"No student run gave one answer to every held-out record of a family ({runs} runs checked)." in text
+    digits = [str(i % 10) for i in range(20)]
+    rep.budgets[4]["SFT"][2].predictions = _predictions("chart", digits, ["1"] * 20) + _predictions(
+        "grid", digits, digits)
+    text = results_markdown(rep)
+    assert f"1 of {runs} student runs gave one and the same answer" in text
+    assert _rows(text, "SFT, 4 tokens") == [["2", 'chart ("1")']]
+
+
 def test_points_fine_grained_average_leaves_out_general():
     p = points(_result({"chart": 0.2, "general": 0.9, "grid": 0.4}), ["chart", "general", "grid"])
     assert p[FINE_GRAINED] == pytest.approx(30.0) and p["avg"] == pytest.approx(50.0)
@@ -176,7 +205,7 @@ def test_results_markdown_layout_on_synthetic_results():
     text = results_markdown(_synthetic(), "figures/token_budget.png")
     for header in ("# Results", "## Table 2 analogue: distillation methods", "## Table 3 analogue: EM-KD ablations",
                    "## Resolution", "## Token budget: accuracy against time to first token", "## Matching quality",
-                   "## What this does not show"):
+                   "## Students that answer a family with a constant", "## What this does not show"):
         assert f"\n{header}\n" in f"\n{text}\n", header
     assert "Command: `emkd reproduce --seeds 0,1,2 --steps 250 --budgets 4,16`." in text
     assert "Wall time: 1 h 02 min in total; 60 s per phase-2 run" in text and "Machine: a test machine." in text

@@ -552,6 +552,7 @@ def results_markdown(rep: Reproduction, figure: str | None = None) -> str:
         *matching_table(rep),
         "",
     ]
+    lines += ["## Students that answer a family with a constant", "", *constant_answer_lines(rep), ""]
     lines += [
         "## What this does not show",
         "",
@@ -559,6 +560,36 @@ def results_markdown(rep: Reproduction, figure: str | None = None) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def constant_answer_lines(rep: Reproduction) -> list[str]:
+    """Markdown lines naming every student run that gave one answer to every held-out record of a family
+    (:meth:`~emkd.evaluation.EvalResult.constant_answers`): a run that stalled or collapsed, whose score on that
+    family is the family's prior, not what its method taught."""
+    runs: list[tuple[str, int, EvalResult]] = []
+    names = {_variant_key(m, loss): name for name, (m, loss) in {**TABLE2, **TABLE3}.items()}
+    for key, results in rep.scores.items():
+        runs += [(f"{names.get(key, key)}, {MAIN_TOKENS} tokens", seed, r) for seed, r in zip(rep.seeds, results)]
+    for tokens, by_row in rep.budgets.items():
+        if tokens == MAIN_TOKENS and rep.scores:
+            continue  # the same runs as Table 2's
+        for row, results in by_row.items():
+            runs += [(f"{row}, {tokens} tokens", seed, r) for seed, r in zip(rep.seeds, results)]
+    found = [(name, seed, r.constant_answers()) for name, seed, r in runs]
+    found = [(name, seed, constant) for name, seed, constant in found if constant]
+    if not found:
+        return [f"No student run gave one answer to every held-out record of a family ({len(runs)} runs checked)."]
+    lines = [
+        f"{len(found)} of {len(runs)} student runs gave one and the same answer to every held-out record of at least "
+        "one family: they learned the family's prior, not the task, so their score there is chance, whatever their "
+        "method. Read their rows above with that in mind.",
+        "",
+        "| run | seed | families answered with a constant |",
+        "| --- | --- | --- |",
+    ]
+    for name, seed, constant in found:
+        lines.append(f"| {name} | {seed} | " + ", ".join(f"{f} (\"{a}\")" for f, a in sorted(constant.items())) + " |")
+    return lines
 
 
 def machine_description() -> str:

@@ -361,6 +361,23 @@ class EvalResult:
         data["predictions"] = [Prediction(**p) for p in data.get("predictions", [])]
         return cls(**data)
 
+    def constant_answers(self, min_records: int = 20) -> dict[str, str]:
+        """The categories this model answered with one and the same answer on every record: ``{category: answer}``.
+
+        A model that does so has learned the category's prior, not the task (a stalled or collapsed run), whatever
+        its accuracy says. Only categories with at least ``min_records`` predictions and more than one distinct
+        reference answer count (a category whose every answer is "yes" is answered well by a constant).
+        """
+        answers: dict[str, set[str]] = {}
+        given: dict[str, set[str]] = {}
+        counts: dict[str, int] = {}
+        for p in self.predictions:
+            answers.setdefault(p.category, set()).add(p.answer)
+            given.setdefault(p.category, set()).add(p.prediction)
+            counts[p.category] = counts.get(p.category, 0) + 1
+        return {c: next(iter(given[c])) for c in given
+                if counts[c] >= min_records and len(given[c]) == 1 and len(answers[c]) > 1}
+
     def write_json(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         if path.parent != Path(""):
@@ -589,6 +606,9 @@ def run_eval(args: argparse.Namespace) -> int:
         return 2
     name = getattr(args, "name", None)
     print(format_table([result], None if name is None else [name]))
+    for category, answer in result.constant_answers().items():
+        print(f"emkd eval: warning: every {category} record was answered {answer!r}: the model answers this category "
+              "with a constant (its prior), not from the input", file=sys.stderr)
     if args.out is not None:
         print(f"wrote {result.write_json(args.out)}")
     return 0
