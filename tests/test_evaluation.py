@@ -5,11 +5,11 @@ training rendering up to the answer, batched = unbatched, known answers score 1 
 from __future__ import annotations
 
 import argparse
-import sys
 import json
 import math
 import shutil
 import statistics
+import sys
 
 import pytest
 import torch
