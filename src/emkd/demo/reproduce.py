@@ -699,7 +699,6 @@ class _Runner:
         return result
 
 
-
 @functools.lru_cache(maxsize=None)
 def _category_counts(path: str) -> dict[str, int]:
     """Records per category of a data file (what an evaluation of it holds in ``counts``), read once per file."""

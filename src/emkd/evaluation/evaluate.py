@@ -370,13 +370,11 @@ class EvalResult:
         """
         answers: dict[str, set[str]] = {}
         given: dict[str, set[str]] = {}
-        counts: dict[str, int] = {}
         for p in self.predictions:
             answers.setdefault(p.category, set()).add(p.answer)
             given.setdefault(p.category, set()).add(p.prediction)
-            counts[p.category] = counts.get(p.category, 0) + 1
         return {c: next(iter(given[c])) for c in given
-                if counts[c] >= min_records and len(given[c]) == 1 and len(answers[c]) > 1}
+                if self.counts.get(c, 0) >= min_records and len(given[c]) == 1 and len(answers[c]) > 1}
 
     def write_json(self, path: str | os.PathLike) -> Path:
         path = Path(path)

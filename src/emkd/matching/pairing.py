@@ -208,11 +208,12 @@ def pair_batch(
         for (ns, nt), members in groups.items():
             vs = _group_rows(rows_s, offsets_s, members, ns)  # (G, Ns, Ds)
             vt = _group_rows(rows_t, offsets_t, members, nt)  # (G, Nt, Dt)
-            costs, logits = head_l1_cost(vs, student.head_weight, student.head_bias, vt, teacher.head_weight,
-                                         teacher.head_bias, chunk_size, keep_logits=True)  # (G, Ns, Nt)
+            cost = head_l1_cost(vs, student.head_weight, student.head_bias, vt, teacher.head_weight,
+                                teacher.head_bias, chunk_size, keep_logits=keep_logits)
+            costs, logits = cost if keep_logits else (cost, None)  # (G, Ns, Nt), the logits or None
             found = hungarian_match_batch(list(costs), assignment)
             solved += [(b, *idx) for b, idx in zip(members, found)]
-            if keep_logits and logits is not None:
+            if logits is not None:
                 kept += _matched_logits(*logits, found)
     keep = keep_logits and len(kept) == len(solved)
     # one indexing per side for every grouped sample's matched rows: one node in the backward pass, not one per sample
