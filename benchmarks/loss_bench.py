@@ -10,11 +10,16 @@ are trainable, the teacher is frozen. One run = forward + backward of ``EMKDLoss
 ``hungarian_logits``). Each path runs in its own process (``--worker``), alternating naive / fused, so both see
 the same machine load. Each worker reports:
 
-* the memory the loss adds on top of its inputs: peak resident set size (``getrusage``) minus the resident size
-  once the inputs exist, with and without the gradient buffers autograd returns (student hidden, head weight);
-  workers run with ``MALLOC_MMAP_THRESHOLD_=131072`` so that freed buffers leave the resident set;
-* wall time of each run;
+* wall time of one run, in a process with the C library's default allocator settings (as a user's process runs);
+* the memory the loss adds on top of its inputs, in a second process per path and run: peak resident set size
+  (``getrusage``) minus the resident size once the inputs exist, with and without the gradient buffers autograd
+  returns (student hidden, head weight); that process runs with ``MALLOC_MMAP_THRESHOLD_=131072`` so that freed
+  buffers leave the resident set. The fixed threshold maps and unmaps every buffer of 128 KiB or more on each
+  allocation, which slows the fused path's chunk buffers by about a quarter, so its times are printed but not used;
 * the loss components and gradients, which the parent compares between the two paths.
+
+The time ratio is the median of the paired ratios (each run of the fused path against the naive run just before it),
+printed with their smallest and largest.
 
 Both paths take the L1 matching cost's ``backend="auto"`` (the numba kernel when numba imports). ``--naive-l1 cdist``
 runs the naive worker with the kernel hidden, so that its cost comes from ``torch.cdist(p=1)``: the reference path
@@ -113,12 +118,14 @@ def worker(args: argparse.Namespace) -> None:
     Path(args.result_out).write_text(json.dumps(result))
 
 
-def run_worker(implementation: str, args: argparse.Namespace, tmp: Path, rep: int) -> dict:
-    grads = tmp / f"{implementation}-{rep}.pt"
-    result = tmp / f"{implementation}-{rep}.json"
+def run_worker(implementation: str, args: argparse.Namespace, tmp: Path, rep: int, measure: str) -> dict:
+    """One worker process; ``measure="time"`` runs with the default allocator, ``"memory"`` with ``MALLOC_ENV``."""
+    grads = tmp / f"{implementation}-{rep}-{measure}.pt"
+    result = tmp / f"{implementation}-{rep}-{measure}.json"
     cmd = [sys.executable, __file__, "--worker", implementation, "--runs", "1", "--grads-out", str(grads),
            "--result-out", str(result)] + [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in SHAPE_ARGS]
-    subprocess.run(cmd, check=True, env={**os.environ, **MALLOC_ENV})
+    env = {k: v for k, v in os.environ.items() if k not in MALLOC_ENV}
+    subprocess.run(cmd, check=True, env={**env, **MALLOC_ENV} if measure == "memory" else env)
     out = json.loads(result.read_text())
     out["grads"] = str(grads)
     return out
@@ -163,14 +170,19 @@ def main() -> None:
           f"text={args.text} (response {args.response}), float32, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
           f"naive path's L1 cost: {args.naive_l1}", flush=True)
-    results: dict[str, list[dict]] = {"naive": [], "fused": []}
+    results: dict[str, list[dict]] = {"naive": [], "fused": []}  # the timed processes
+    memory: dict[str, list[dict]] = {"naive": [], "fused": []}  # the processes that measure memory
     with tempfile.TemporaryDirectory() as tmp:
         for rep in range(args.runs):
             for impl in ("naive", "fused"):
-                r = run_worker(impl, args, Path(tmp), rep)
+                r = run_worker(impl, args, Path(tmp), rep, "time")
                 results[impl].append(r)
-                print(f"  run {rep + 1}/{args.runs} {impl:5s}: {r['times_s'][0]:7.2f} s, loss adds "
-                      f"{r['added_bytes'] / 2**20:7.0f} MiB (peak RSS {r['peak_rss_bytes'] / 2**20:.0f} MiB)",
+                print(f"  run {rep + 1}/{args.runs} {impl:5s}: {r['times_s'][0]:7.2f} s", flush=True)
+            for impl in ("naive", "fused"):
+                m = run_worker(impl, args, Path(tmp), rep, "memory")
+                memory[impl].append(m)
+                print(f"  run {rep + 1}/{args.runs} {impl:5s}: loss adds {m['added_bytes'] / 2**20:7.0f} MiB (peak RSS "
+                      f"{m['peak_rss_bytes'] / 2**20:.0f} MiB; {m['times_s'][0]:.2f} s with the fixed mmap threshold)",
                       flush=True)
         naive_grads = torch.load(results["naive"][0]["grads"])
         fused_grads = torch.load(results["fused"][0]["grads"])
@@ -179,11 +191,14 @@ def main() -> None:
     summary = {"shape": {k: getattr(args, k) for k in SHAPE_ARGS}, "torch": torch.__version__,
                "threads": torch.get_num_threads()}
     for impl, rs in results.items():
+        ms = memory[impl]
         summary[impl] = {
             "median_s": statistics.median(r["times_s"][0] for r in rs),
-            "added_mib": statistics.median(r["added_bytes"] for r in rs) / 2**20,
-            "added_without_grads_mib": statistics.median(r["added_bytes"] - r["grad_buffer_bytes"] for r in rs) / 2**20,
-            "grad_buffers_mib": rs[0]["grad_buffer_bytes"] / 2**20,
+            "times_s": [r["times_s"][0] for r in rs],
+            "times_fixed_mmap_threshold_s": [m["times_s"][0] for m in ms],
+            "added_mib": statistics.median(m["added_bytes"] for m in ms) / 2**20,
+            "added_without_grads_mib": statistics.median(m["added_bytes"] - m["grad_buffer_bytes"] for m in ms) / 2**20,
+            "grad_buffers_mib": ms[0]["grad_buffer_bytes"] / 2**20,
             "components": rs[0]["components"],
         }
     n, f = summary["naive"], summary["fused"]
@@ -191,8 +206,10 @@ def main() -> None:
                                for k in n["components"]}
     summary["grad_rel_err"] = grad_err
     summary["same_matches"] = results["naive"][0]["matches"] == results["fused"][0]["matches"]
+    paired = sorted(ft / nt for ft, nt in zip(f["times_s"], n["times_s"]))
     summary["ratios"] = {
-        "time_fused_over_naive": f["median_s"] / n["median_s"],
+        "time_fused_over_naive": statistics.median(paired),
+        "time_paired_ratios": paired,
         "added_memory_fused_over_naive": f["added_mib"] / n["added_mib"],
         "added_memory_without_grads_fused_over_naive": f["added_without_grads_mib"] / n["added_without_grads_mib"],
     }
@@ -206,7 +223,8 @@ def main() -> None:
               f"{s['added_without_grads_mib']:.0f} |")
     r = summary["ratios"]
     print()
-    print(f"fused / naive: time {r['time_fused_over_naive']:.3f}x, memory added {r['added_memory_fused_over_naive']:.3f}x, "
+    print(f"fused / naive: time {r['time_fused_over_naive']:.3f}x (median of the paired runs; "
+          f"{paired[0]:.3f}x to {paired[-1]:.3f}x), memory added {r['added_memory_fused_over_naive']:.3f}x, "
           f"without gradient buffers {r['added_memory_without_grads_fused_over_naive']:.3f}x")
     print("loss components, max relative difference: "
           + ", ".join(f"{k} {v:.1e}" for k, v in summary["loss_rel_err"].items()))
