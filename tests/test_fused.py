@@ -200,3 +200,16 @@ def test_pair_batch_groups_equal_shapes_and_matches_per_sample_pairing():
         torch.testing.assert_close(batched[b].teacher_hidden, one.teacher_hidden)
     mixed = pair_batch(student, teacher, ["identity" if s.ns == s.nt else "avgpool" for s in samples], "fused")
     assert [p is None for p in mixed] == [s.ns == 0 or s.nt == 0 for s in samples]
+
+
+@pytest.mark.parametrize("sizes", [[4, 4, 4], [3, 1, 5], [2]])
+def test_sum_of_means_is_the_per_sample_loop(sizes):
+    """VSD's reduction: per-sample means summed, one reduction for the batch, the same value and gradient."""
+    from emkd.losses.emkd import sum_of_means
+
+    g = torch.Generator().manual_seed(len(sizes))
+    values = torch.rand(sum(sizes), generator=g, dtype=torch.float64, requires_grad=True)
+    got = sum_of_means(values, sizes)
+    want = torch.stack([part.mean() for part in values.split(sizes)]).sum()
+    torch.testing.assert_close(got, want, rtol=1e-15, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(got, values)[0], torch.autograd.grad(want, values)[0])

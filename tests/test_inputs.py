@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from emkd.inputs import DistillInputs, masked_rows, padded_rows
+from emkd.inputs import DistillInputs, joined_rows, masked_rows, padded_rows
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -33,6 +33,65 @@ def test_padded_rows_is_pad_sequence(sizes):
     grads_want = torch.autograd.grad((want * weights).sum(), rows)
     assert got.shape == want.shape and torch.equal(got, want)
     assert all(torch.equal(a, b) for a, b in zip(grads_got, grads_want))
+
+
+@pytest.mark.parametrize("sizes", [[3, 1, 4], [2, 2, 2, 2], [0, 2, 2]])
+def test_padded_rows_of_split_pieces_is_pad_sequence(sizes):
+    """The pieces of one tensor's split: equal sizes come back as a view of that tensor, and either way the values
+    and the gradient reaching the split tensor are pad_sequence's."""
+    g = torch.Generator().manual_seed(sum(sizes))
+    x = torch.randn(sum(sizes), 4, generator=g, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(len(sizes), max(sizes), 4, generator=g, dtype=torch.float64)
+    got = padded_rows(list(x.split(sizes)))
+    (grad_got,) = torch.autograd.grad((got * weights).sum(), x)
+    want = torch.nn.utils.rnn.pad_sequence(list(x.split(sizes)), batch_first=True)
+    (grad_want,) = torch.autograd.grad((want * weights).sum(), x)
+    assert torch.equal(got, want) and torch.equal(grad_got, grad_want)
+    if min(sizes) == max(sizes):
+        assert got.data_ptr() == x.data_ptr()  # no copy
+
+
+def _pieces(kind: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A tensor and blocks of it that ``joined_rows`` must concatenate: views back to back, or anything else."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    if kind == "whole split":
+        return x, list(x.split([4, 1, 5]))
+    if kind == "middle of a split":
+        return x, list(x.split([2, 3, 4, 1]))[1:3]
+    if kind == "unbind":
+        return x, list(x.unbind(0))
+    if kind == "out of order":
+        return x, list(x.split([4, 6]))[::-1]
+    if kind == "a gap":
+        parts = list(x.split([2, 3, 5]))
+        return x, [parts[0], parts[2]]
+    if kind == "two tensors":
+        y = torch.randn(4, 3, generator=g, dtype=torch.float64, requires_grad=True)
+        return x, [*x.split([5, 5]), y]
+    if kind == "copies":
+        return x, [x[:4] * 1.0, x[4:] * 1.0]
+    if kind == "strided columns":
+        return x, list(x[:, :2].split([5, 5]))
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind", ["whole split", "middle of a split", "unbind", "out of order", "a gap", "two tensors", "copies",
+             "strided columns"],
+)
+def test_joined_rows_is_cat(kind):
+    x, blocks = _pieces(kind)
+    got = joined_rows(blocks)
+    want = torch.cat(blocks)
+    assert got.shape == want.shape and torch.equal(got, want)
+    weights = torch.randn(want.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    leaves = [x] + [b for b in blocks if b.is_leaf and b is not x]
+    grads_got = torch.autograd.grad((got * weights).sum(), leaves, allow_unused=True, retain_graph=True)
+    grads_want = torch.autograd.grad((want * weights).sum(), leaves, allow_unused=True)
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(grads_got, grads_want))
+    viewed = kind in ("whole split", "middle of a split", "unbind")
+    assert (got._base is x or got is x) == viewed  # a view exactly when the blocks lie back to back in x
 
 
 def test_token_rows_are_what_the_per_sample_views_are_views_of():

@@ -14,6 +14,7 @@ tokens may differ between them; every other count mismatch is a ``ValueError`` t
 
 from __future__ import annotations
 
+
 from dataclasses import dataclass, field
 
 import torch
@@ -175,12 +176,38 @@ def masked_rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1]).index_select(0, mask.reshape(-1).nonzero().squeeze(1))
 
 
+def joined_rows(blocks: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(blocks)`` of ``[M_i, ...]`` blocks; when the blocks lie back to back, in order, in one contiguous
+    tensor (the pieces ``split`` or ``unbind`` return, as :meth:`DistillInputs.token_rows` and
+    :func:`emkd.matching.pair_batch` hand them out), a view of that tensor instead: no copy, and in the backward pass
+    no split and re-concatenation of the gradient."""
+    if len(blocks) == 1:
+        return blocks[0]
+    base, tail = blocks[0]._base, blocks[0].shape[1:]
+    if base is None or not base.is_contiguous() or any(
+        b._base is not base or not b.is_contiguous() or b.shape[1:] != tail for b in blocks
+    ):
+        return torch.cat(blocks)
+    at = blocks[0].storage_offset()
+    for block in blocks:
+        if block.storage_offset() != at:
+            return torch.cat(blocks)
+        at += block.numel()
+    first = blocks[0].storage_offset() - base.storage_offset()
+    if first == 0 and at - blocks[0].storage_offset() == base.numel() and base.shape[1:] == tail:
+        return base
+    return base.view(-1).narrow(0, first, at - blocks[0].storage_offset()).view(-1, *tail)
+
+
 def padded_rows(rows: list[torch.Tensor]) -> torch.Tensor:
     """``n`` blocks ``[M_i, D]`` zero-padded to ``[n, max M_i, D]`` (what ``pad_sequence(batch_first=True)`` gives),
-    by one concatenation and one ``index_select``: two nodes in the backward pass, not one slice copy per block."""
+    by one concatenation and one ``index_select``: two nodes in the backward pass, not one slice copy per block.
+    Blocks of one size are stacked as they are (a view when :func:`joined_rows` finds them back to back)."""
     sizes = [int(r.shape[0]) for r in rows]
     width = max(sizes)
-    flat = torch.cat([*rows, rows[0].new_zeros(1, rows[0].shape[1])])  # (sum M_i + 1, D), the last row is padding
+    if min(sizes) == width:
+        return joined_rows(rows).view(len(rows), width, rows[0].shape[1])
+    flat = torch.cat([joined_rows(rows), rows[0].new_zeros(1, rows[0].shape[1])])  # (sum M_i + 1, D), last: padding
     device = flat.device
     sizes_t = torch.tensor(sizes, device=device)
     starts = torch.cumsum(sizes_t, 0) - sizes_t  # (n,)

@@ -55,6 +55,15 @@ class EMKDOutput:
         return {k: float(getattr(self, k).detach()) for k in ("loss", "sup", "rld", "vsd", "vlad")}
 
 
+def sum_of_means(values: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """``sum_b mean(values[block b])`` of ``values`` ``[sum_b M_b]`` cut into blocks of ``sizes`` (every ``M_b > 0``):
+    VSD's per-sample means summed over samples, by one reduction instead of one per sample."""
+    if min(sizes) == max(sizes):
+        return values.view(len(sizes), sizes[0]).mean(dim=1).sum()
+    counts = torch.tensor(sizes, device=values.device, dtype=values.dtype)  # (n,)
+    return (values / torch.repeat_interleave(counts, counts.long())).sum()
+
+
 def vlad_term(pairs: VisionPairs, text_s: torch.Tensor, text_t: torch.Tensor) -> torch.Tensor:
     """VLAD of one sample (Eq. 4-5).
 
@@ -211,9 +220,9 @@ class EMKDLoss(torch.nn.Module):
         rld = sum_or_zero(response["reverse"], anchor)
         if self.vsd_target == "hidden":
             terms = [self._vsd(pairs, student, teacher, projector) for pairs in pairs_by_sample]
+            vsd = torch.stack(terms).sum() if terms else zero_like_graph(anchor)
         else:
-            terms = [part.mean() for part in vision_rows.split([p.size for p in vision])]
-        vsd = torch.stack(terms).sum() if terms else zero_like_graph(anchor)
+            vsd = sum_of_means(vision_rows, [p.size for p in vision]) if vision else zero_like_graph(anchor)
         return sup, rld, vsd
 
     def _vsd(

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from emkd.chunking import check_implementation
-from emkd.inputs import IGNORE_INDEX, DistillInputs
+from emkd.inputs import IGNORE_INDEX, DistillInputs, joined_rows
 from emkd.losses.divergence import forward_kl, jsd, reverse_kl
 from emkd.losses.fused import fused_head_divergences
 
@@ -108,9 +108,12 @@ def response_and_row_divergences(
     ignore = torch.full((extra,), IGNORE_INDEX, dtype=torch.long, device=targets.device)
     given = None
     if rows_logits and all(z is not None for z in rows_logits):
-        given = (torch.cat([zs for zs, _ in rows_logits]), torch.cat([zt for _, zt in rows_logits]))  # (sum M_i, V)
+        given = (joined_rows([zs for zs, _ in rows_logits]), joined_rows([zt for _, zt in rows_logits]))  # (sum M_i, V)
+    hs, ht = student.response_hidden(), teacher.response_hidden()  # (R, Ds), (R, Dt)
+    if rows_s:
+        hs, ht = torch.cat([hs, joined_rows(rows_s)]), torch.cat([ht, joined_rows(rows_t)])
     values = head_divergences(
-        student, torch.cat([student.response_hidden(), *rows_s]), teacher, torch.cat([teacher.response_hidden(), *rows_t]),
+        student, hs, teacher, ht,
         ("ce", divergence), temperature, torch.cat([targets, ignore]), implementation="fused", chunk_size=chunk_size,
         given=given,
     )

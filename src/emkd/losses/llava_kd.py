@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from emkd.inputs import DistillInputs, check_choice, check_common_options, check_pair, zero_like_graph
+from emkd.inputs import DistillInputs, check_choice, check_common_options, check_pair, padded_rows, zero_like_graph
 from emkd.losses.divergence import forward_kl
 from emkd.losses.fused import fused_head_gram
 from emkd.losses.head import response_and_row_divergences
@@ -169,10 +169,10 @@ class LlavaKDLoss(torch.nn.Module):
             by_size.setdefault(pairs.size, []).append(pairs)
         rel_terms = []  # REL is their sum over samples: the order does not matter
         for group in by_size.values():
-            gram_s = fused_head_gram(torch.stack([p.student_hidden for p in group]), student.head_weight,
+            gram_s = fused_head_gram(padded_rows([p.student_hidden for p in group]), student.head_weight,
                                      student.head_bias, self.chunk_size)  # (G, M, M)
             with torch.no_grad():
-                gram_t = fused_head_gram(torch.stack([p.teacher_hidden for p in group]), teacher.head_weight,
+                gram_t = fused_head_gram(padded_rows([p.teacher_hidden for p in group]), teacher.head_weight,
                                          teacher.head_bias, self.chunk_size)  # (G, M, M)
             rel_terms.extend(gram_distance(g_s, g_t) for g_s, g_t in zip(gram_s, gram_t))
         return ce, res, vis, rel_terms

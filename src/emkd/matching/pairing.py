@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from emkd.chunking import check_implementation
-from emkd.inputs import DistillInputs
+from emkd.inputs import DistillInputs, joined_rows
 from emkd.matching.cost import head_l1_cost, l1_cost
 from emkd.matching.hungarian import BACKENDS, hungarian_match, hungarian_match_batch
 
@@ -217,10 +217,9 @@ def pair_batch(
                 kept += _matched_logits(*logits, found)
     keep = keep_logits and len(kept) == len(solved)
     # one indexing per side for every grouped sample's matched rows: one node in the backward pass, not one per sample
-    device = rows_s.device
-    at_s = torch.cat([idx_s + offsets_s[b] for b, idx_s, _ in solved]).to(device)
-    at_t = torch.cat([idx_t + offsets_t[b] for b, _, idx_t in solved]).to(device)
     sizes = [int(idx_s.numel()) for _, idx_s, _ in solved]
+    at_s = _shifted([idx_s for _, idx_s, _ in solved], [offsets_s[b] for b, _, _ in solved], sizes, rows_s.device)
+    at_t = _shifted([idx_t for _, _, idx_t in solved], [offsets_t[b] for b, _, _ in solved], sizes, rows_t.device)
     matched = zip(rows_s.index_select(0, at_s).split(sizes), rows_t.detach().index_select(0, at_t).split(sizes))
     for k, ((b, idx_s, idx_t), (hs, ht)) in enumerate(zip(solved, matched)):
         out[b] = VisionPairs(hs, ht, idx_s, idx_t, logit_values=kept[k] if keep else None)
@@ -234,11 +233,19 @@ def _matched_logits(
     indexing per side: ``G`` pairs ``([M_g, V], [M_g, V])``."""
     g, ns, v = zs.shape
     nt = zt.shape[1]
-    at_s = torch.cat([idx_s.to(zs.device) + k * ns for k, (idx_s, _) in enumerate(found)])
-    at_t = torch.cat([idx_t.to(zt.device) + k * nt for k, (_, idx_t) in enumerate(found)])
     sizes = [int(idx_s.numel()) for idx_s, _ in found]
+    at_s = _shifted([idx_s for idx_s, _ in found], [k * ns for k in range(g)], sizes, zs.device)
+    at_t = _shifted([idx_t for _, idx_t in found], [k * nt for k in range(g)], sizes, zt.device)
     return list(zip(zs.reshape(g * ns, v).index_select(0, at_s).split(sizes),
                     zt.reshape(g * nt, v).index_select(0, at_t).split(sizes)))
+
+
+def _shifted(indices: list[torch.Tensor], shifts: list[int], sizes: list[int], device: torch.device) -> torch.Tensor:
+    """``cat([indices[k] + shifts[k]])`` on ``device``, by one concatenation and one addition for the whole batch."""
+    flat = joined_rows(indices).to(device)  # (sum M_k,)
+    if min(sizes) == max(sizes):
+        return (flat.view(len(sizes), sizes[0]) + torch.tensor(shifts, device=device)[:, None]).view(-1)
+    return flat + torch.repeat_interleave(torch.tensor(shifts, device=device), torch.tensor(sizes, device=device))
 
 
 def _group_rows(rows: torch.Tensor, offsets: list[int], members: list[int], n: int) -> torch.Tensor:
