@@ -104,8 +104,10 @@ class _FusedHeadDivergences(torch.autograd.Function):
         need_raw = "ce" in want
         need_kl = bool(want & {"forward", "reverse", "jsd"})
 
+        # at temperature 1, CE's softmax is the divergences' p_s: one running log-sum-exp serves both
+        shared = need_raw and need_kl and temperature == 1.0
         raw = _OnlineLSE(n, device) if need_raw else None
-        xs_lse = _OnlineLSE(n, device) if need_kl else None
+        xs_lse = raw if shared else _OnlineLSE(n, device) if need_kl else None
         xt_lse = _OnlineLSE(n, device) if need_kl else None
         exp_t = torch.zeros(n, device=device)  # sum exp(x_t - max_t) (x_t - x_s), rescaled online
         exp_s = torch.zeros(n, device=device)  # sum exp(x_s - max_s) (x_s - x_t), rescaled online
@@ -119,7 +121,7 @@ class _FusedHeadDivergences(torch.autograd.Function):
             if one_chunk:
                 kept_zs = _kept(zs, need_kl and temperature != 1.0)  # scaled in place below when T != 1
             if need_raw:
-                raw.update(zs)
+                raw_update = raw.update(zs)
                 inside, col = _target_columns(targets, valid, start, stop)
                 target_logit = torch.where(inside, zs.gather(1, col).squeeze(1), target_logit)  # (N,)
             if need_kl:
@@ -130,7 +132,7 @@ class _FusedHeadDivergences(torch.autograd.Function):
                 if temperature != 1.0:
                     xt.mul_(inv_t)
                 diff = xs - xt  # (N, C)
-                rescale_s, e = xs_lse.update(xs)
+                rescale_s, e = raw_update if shared else xs_lse.update(xs)
                 exp_s = exp_s * rescale_s + e.mul_(diff).sum(dim=1)
                 del e
                 rescale_t, e = xt_lse.update(xt)
@@ -174,6 +176,7 @@ class _FusedHeadDivergences(torch.autograd.Function):
         ht32 = ht.float() if ht is not None else None
         weight = {kind: grad_out[:, k].float() for k, kind in enumerate(kinds)}
         need_kl = any(k in weight for k in ("forward", "reverse", "jsd"))
+        shared = "ce" in weight and need_kl and temperature == 1.0  # as in the forward pass
         if "ce" in weight:
             valid = targets != IGNORE_INDEX
             g_ce = torch.where(valid, weight["ce"], torch.zeros_like(weight["ce"]))  # (N,)
@@ -189,15 +192,19 @@ class _FusedHeadDivergences(torch.autograd.Function):
             # the forward pass's logits when it kept them (one chunk; read, never written), else recomputed
             zs = kept_zs if kept_zs is not None else _chunk_logits(hs32, ws, bs, start, stop)  # (N, C)
             g = torch.zeros_like(zs)  # d loss / d z_s, (N, C)
-            if "ce" in weight:
+            if "ce" in weight and not shared:
                 g.add_((zs - lse_raw[:, None]).exp_().mul_(g_ce[:, None]))
-                inside, col = _target_columns(targets, valid, start, stop)
-                # -g_ce at the target's column of the rows whose target is in this chunk, -0 (no change) elsewhere
-                g.scatter_add_(1, col, torch.where(inside, g_ce, 0.0).neg_()[:, None])
             if need_kl:
                 # (N, C), in place of recomputed raw logits, into a new buffer when they are the forward pass's
                 log_ps = (zs.mul_(inv_t) if kept_zs is None else zs * inv_t).sub_(lse_s[:, None])
                 ps = log_ps.exp()
+                if shared:  # temperature 1: softmax(z_s) is p_s, bit for bit (z * 1.0 == z)
+                    g.addcmul_(ps, g_ce[:, None])
+            if "ce" in weight:
+                inside, col = _target_columns(targets, valid, start, stop)
+                # -g_ce at the target's column of the rows whose target is in this chunk, -0 (no change) elsewhere
+                g.scatter_add_(1, col, torch.where(inside, g_ce, 0.0).neg_()[:, None])
+            if need_kl:
                 zt = kept_zt if kept_zt is not None else _chunk_logits(ht32, wt, bt, start, stop)  # (N, C)
                 log_pt = (zt.mul_(inv_t) if kept_zt is None else zt * inv_t).sub_(lse_t[:, None])  # (N, C)
                 if "forward" in weight:
