@@ -14,7 +14,6 @@ tokens may differ between them; every other count mismatch is a ``ValueError`` t
 
 from __future__ import annotations
 
-
 from dataclasses import dataclass, field
 
 import torch

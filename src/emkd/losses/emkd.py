@@ -61,7 +61,7 @@ def sum_of_means(values: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     if min(sizes) == max(sizes):
         return values.view(len(sizes), sizes[0]).mean(dim=1).sum()
     counts = torch.tensor(sizes, device=values.device, dtype=values.dtype)  # (n,)
-    return (values / torch.repeat_interleave(counts, counts.long())).sum()
+    return (values / torch.repeat_interleave(counts, counts.long(), output_size=sum(sizes))).sum()
 
 
 def vlad_term(pairs: VisionPairs, text_s: torch.Tensor, text_t: torch.Tensor) -> torch.Tensor:

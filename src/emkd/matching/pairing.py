@@ -245,7 +245,8 @@ def _shifted(indices: list[torch.Tensor], shifts: list[int], sizes: list[int], d
     flat = joined_rows(indices).to(device)  # (sum M_k,)
     if min(sizes) == max(sizes):
         return (flat.view(len(sizes), sizes[0]) + torch.tensor(shifts, device=device)[:, None]).view(-1)
-    return flat + torch.repeat_interleave(torch.tensor(shifts, device=device), torch.tensor(sizes, device=device))
+    repeats = torch.tensor(sizes, device=device)  # output_size: no wait for the device to learn the length
+    return flat + torch.repeat_interleave(torch.tensor(shifts, device=device), repeats, output_size=sum(sizes))
 
 
 def _group_rows(rows: torch.Tensor, offsets: list[int], members: list[int], n: int) -> torch.Tensor:
