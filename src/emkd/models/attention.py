@@ -7,6 +7,11 @@ Only the "eager" implementation computes them (SDPA and flash attention never fo
   block and restores the previous implementation however the block exits, exceptions included. The vision tower
   keeps its own implementation. Eager and SDPA agree up to float rounding, so the hidden states of a recorded forward
   may differ from an unrecorded one in the last bits.
+* :func:`eager_layers` does the same for chosen decoder layers only, when the model runs SDPA: those layers run their
+  model's own eager attention and every other layer keeps SDPA (a ``transformers`` attention implementation of this
+  module's, registered through ``AttentionInterface``, with the eager implementation's additive 4D mask, which SDPA
+  reads too). Reading one layer's map then costs one eager layer, not a whole eager decoder (Align-TI's IVA: one
+  layer of the teacher's, at every step). A model on another implementation falls back to :func:`eager_attention`.
 * :func:`hooked_attention` hands each chosen layer's probabilities to ``keep(layer, weights)`` as that layer runs,
   through a forward hook on its attention module, so no ``[B, H, L, L]`` map outlives its layer (IRS reduces every
   layer in one forward this way). ``output_attentions=True`` would keep every layer's map alive instead: 28 layers of
@@ -25,7 +30,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
+import sys
+
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
 #: ``keep(layer, weights)``: called with a layer's index (as the caller named it) and its ``[B, H, L, L]`` weights
 AttentionKeeper = Callable[[int, torch.Tensor], None]
@@ -47,6 +57,51 @@ def eager_attention(model: torch.nn.Module) -> Iterator[None]:
         decoder.set_attn_implementation(previous)
 
 
+#: the attention implementation of :func:`eager_layers`: eager in the marked layers, SDPA in the others
+MIXED_IMPLEMENTATION = "emkd_eager_layers"
+_EAGER_MARK = "_emkd_eager_layer"
+
+
+def _mixed_attention(module: torch.nn.Module, query, key, value, attention_mask, **kwargs):
+    """Eager attention (the module's own model's ``eager_attention_forward``, which returns the probabilities) in a
+    layer :func:`eager_layers` marked, SDPA elsewhere; both read the same additive 4D mask."""
+    if getattr(module, _EAGER_MARK, False):
+        eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if eager is None:
+            raise RuntimeError(f"{type(module).__module__} has no eager_attention_forward; record attention under "
+                               "eager_attention(model) instead")
+        return eager(module, query, key, value, attention_mask, **kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(MIXED_IMPLEMENTATION, _mixed_attention)
+AttentionMaskInterface.register(MIXED_IMPLEMENTATION, eager_mask)
+
+
+@contextmanager
+def eager_layers(model: torch.nn.Module, layers: Iterable[int]) -> Iterator[None]:
+    """Run decoder layers ``layers`` of ``model.get_decoder()`` (negative counts from the end) with eager attention
+    inside the block and the other layers with SDPA, when the decoder runs SDPA (else the whole decoder runs eager:
+    :func:`eager_attention`); restore the implementation and the layers however the block exits."""
+    decoder = model.get_decoder()
+    previous = decoder.config._attn_implementation
+    if previous != "sdpa":
+        with eager_attention(model):
+            yield
+        return
+    modules = [decoder.layers[layer].self_attn for layer in layers]
+    decoder.config._attn_implementation = MIXED_IMPLEMENTATION
+    try:
+        for module in modules:
+            setattr(module, _EAGER_MARK, True)
+        yield
+    finally:
+        for module in modules:
+            if hasattr(module, _EAGER_MARK):
+                delattr(module, _EAGER_MARK)
+        decoder.config._attn_implementation = previous
+
+
 def _keep_weights(layer: int, keep: AttentionKeeper) -> Callable[[torch.nn.Module, Any, Any], None]:
     """A forward hook on layer ``layer``'s attention module that hands its probabilities to ``keep``."""
 
@@ -62,7 +117,8 @@ def _keep_weights(layer: int, keep: AttentionKeeper) -> Callable[[torch.nn.Modul
 @contextmanager
 def hooked_attention(model: torch.nn.Module, layers: Iterable[int], keep: AttentionKeeper) -> Iterator[None]:
     """Call ``keep(layer, weights)`` with the attention probabilities ``[B, H, L, L]`` of every decoder layer in
-    ``layers`` (negative counts from the end) during the forwards run inside the block, under eager attention.
+    ``layers`` (negative counts from the end) during the forwards run inside the block: those layers run eager
+    attention, the others keep SDPA (:func:`eager_layers`).
 
     Hooks and implementation are restored however the block exits. A layer whose attention returns no weights
     raises ``RuntimeError`` from inside the forward.
@@ -75,7 +131,7 @@ def hooked_attention(model: torch.nn.Module, layers: Iterable[int], keep: Attent
     for layer in layers:
         if not -len(decoder_layers) <= layer < len(decoder_layers):
             raise ValueError(f"attention_layer={layer} is out of range for a decoder with {len(decoder_layers)} layers")
-    with eager_attention(model):
+    with eager_layers(model, layers):
         handles = []
         try:
             for layer in layers:
@@ -100,7 +156,8 @@ def recorded_attention(model: torch.nn.Module, layer: int) -> Iterator[Attention
     """Record the head-averaged attention probabilities ``[B, L, L]`` (float32) of decoder layer ``layer``
     (negative counts from the end) during the forwards run inside the block, as ``record.attention``.
 
-    The language model runs eager attention inside the block (:func:`eager_attention`).
+    Layer ``layer`` runs eager attention inside the block, the language model's other layers SDPA
+    (:func:`eager_layers`).
     """
     record = AttentionRecord(layer)
 
@@ -125,6 +182,7 @@ __all__ = [
     "AttentionRecord",
     "cast_additive_mask",
     "eager_attention",
+    "eager_layers",
     "hooked_attention",
     "recorded_attention",
 ]
