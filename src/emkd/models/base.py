@@ -122,8 +122,8 @@ class DistillAdapter(ABC):
     def recording_attention(self, layer: int) -> AbstractContextManager[AttentionRecord]:
         """A context manager that records the head-averaged attention probabilities ``[B, L, L]`` (float32) of
         decoder layer ``layer`` (negative counts from the end) during the forwards run inside it, as
-        ``record.attention`` (:func:`emkd.models.attention.recorded_attention`: eager attention for the block, the
-        previous implementation restored however it exits). Align-TI's IRS (Eq. 3) and IVA weights (Eq. 4).
+        ``record.attention`` (:func:`emkd.models.attention.recorded_attention`: eager attention in that layer for the
+        block, the previous implementation restored however it exits). Align-TI's IRS (Eq. 3) and IVA weights (Eq. 4).
 
         Raises:
             NotImplementedError: this adapter cannot record attention (the default).

@@ -26,8 +26,9 @@ as the teacher of a smaller one) is loaded through :func:`emkd.models.student_si
 
 Attention for Align-TI. ``adapter(batch, attention_layer=l)`` returns the head-averaged attention of decoder layer
 ``l`` (``[B, L, L]``), and ``adapter.recording_attention(l)`` records it around any forward (Align-TI's augmented
-pass). Both go through :mod:`emkd.models.attention`: a forward hook on that one layer's attention module, under eager
-attention for that call only; the other calls keep the implementation the teacher was loaded with
+pass). Both go through :mod:`emkd.models.attention`: a forward hook on that one layer's attention module, which runs
+eager attention for that call only (the other layers keep SDPA when the teacher runs it); the other calls keep the
+implementation the teacher was loaded with
 (``load_teacher(path, attn_implementation=...)``). ``adapter.augmented_forward`` runs the TPA batch (additive 4D
 mask, ribbon position ids) on LLaVA-family teachers and refuses Qwen2-VL / Qwen2.5-VL, whose 3D M-RoPE position ids
 are computed from the token layout (:data:`MROPE_MODEL_TYPES`); Align-TI trains them with the loss option
@@ -320,7 +321,7 @@ class HFTeacherAdapter(DistillAdapter):
         Args:
             batch: ``input_ids``, ``attention_mask``, ``labels``, optional ``instruction_mask`` (``[B, L]``), and the
                 collated image inputs of :meth:`VisionSide.collate_image_inputs`.
-            attention_layer: decoder layer whose head-averaged attention ``[B, L, L]`` to return (the decoder runs
+            attention_layer: decoder layer whose head-averaged attention ``[B, L, L]`` to return (that layer runs
                 eager attention for this call, see :meth:`recording_attention`).
         """
         inputs = self.model_inputs(batch)

@@ -383,8 +383,8 @@ def augmented_pass(
     attention_layer: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """:func:`augmented_hidden`, plus the head-averaged attention ``[B, T, T]`` of decoder layer ``attention_layer``
-    (:meth:`~emkd.models.base.DistillAdapter.recording_attention`: eager attention for the call) when one is asked
-    for."""
+    (:meth:`~emkd.models.base.DistillAdapter.recording_attention`: eager attention in that layer for the call) when
+    one is asked for."""
     if attention_layer is None:
         return adapter.augmented_forward(aug, model), None
     with adapter.recording_attention(attention_layer) as record:
@@ -670,7 +670,7 @@ def align_ti_step(
             take the ribbon (Qwen2-VL / Qwen2.5-VL, M-RoPE) trains with.
 
     Everything is read from the augmented passes at the ground-truth tokens, IVA's weights ``a_{l*}(x)`` from the
-    teacher's (eager attention for that call); see the module docstring. A
+    teacher's (eager attention in that layer for that call); see the module docstring. A
     sample without instruction tokens (e.g. the ``plain`` template) gets zero IVA weights: it adds 0 to IVA.
 
     Returns:

@@ -4,8 +4,8 @@ For every calibration sample ``x`` and decoder layer ``l``, ``a_l(x)`` is the te
 instruction tokens to the vision tokens, averaged over heads and instruction tokens
 (:func:`emkd.losses.align_ti.instruction_vision_attention`). All layers are recorded in ONE forward per batch: a
 forward hook on every layer's attention module reduces that layer's ``[B, H, L, L]`` weights to ``a_l(x)`` at once,
-so no ``[L, L]`` map outlives its layer (:func:`emkd.models.attention.hooked_attention`, which runs the decoder
-under eager attention for the recording and restores its implementation afterwards).
+so no ``[L, L]`` map outlives its layer (:func:`emkd.models.attention.hooked_attention`, which runs the recorded
+layers, here all of them, under eager attention for the recording and restores the implementation afterwards).
 
 Pairs. ``IRS(l) = 1 - mean cos(a_l(x1), a_l(x2))`` needs vectors of equal length, so only samples with the same
 number of vision tokens ``Nv`` are paired (with AnyRes teachers ``Nv`` depends on the image's aspect ratio). Among
