@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from emkd.chunking import check_implementation
-from emkd.inputs import DistillInputs, check_pair, zero_like_graph
+from emkd.inputs import DistillInputs, check_pair, joined_rows, zero_like_graph
 from emkd.losses.divergence import forward_kl
 from emkd.losses.head import head_divergences
 from emkd.matching.pairing import IVA_MATCHINGS, pair_batch, pair_indices, paired_logits, resolve_matching
@@ -150,7 +150,8 @@ def iva_total(
     matches = pair_indices(paired, student.hidden.device)
     if implementation == "fused" and kept:  # every sample's pairs in one chunked pass over the heads
         rows = head_divergences(
-            student, torch.cat([p.student_hidden for _, p in kept]), teacher, torch.cat([p.teacher_hidden for _, p in kept]),
+            student, joined_rows([p.student_hidden for _, p in kept]), teacher,
+            joined_rows([p.teacher_hidden for _, p in kept]),
             ("forward",), temperature, chunk_size=chunk_size,
         )["forward"]  # (sum M,)
         kls = rows.split([p.size for _, p in kept])

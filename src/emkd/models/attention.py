@@ -25,12 +25,11 @@ class and every Hugging Face teacher. :func:`cast_additive_mask` puts Align-TI's
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
-
-import sys
 
 import torch
 from transformers import AttentionInterface
@@ -90,6 +89,7 @@ def eager_layers(model: torch.nn.Module, layers: Iterable[int]) -> Iterator[None
             yield
         return
     modules = [decoder.layers[layer].self_attn for layer in layers]
+    # the config every layer shares and reads at each forward; restored below
     decoder.config._attn_implementation = MIXED_IMPLEMENTATION
     try:
         for module in modules:
